@@ -1,0 +1,917 @@
+"""JWT authentication for aiohttp servers, in one file.
+
+jwtplus signs and checks JSON Web Tokens (HMAC, via PyJWT), rotates its keys
+from the clock so that every worker agrees without talking to the others, and
+puts the SPA routing table of aiohttp-jwtplus 0.2.0 in front of your handlers:
+a logged-in user gets the app, everyone else the login page, and protected APIs
+answer 401 or 403 before their handler runs.
+
+Quick start::
+
+    from aiohttp import web
+    import jwtplus
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.json_response({"hello": request[jwtplus.AUTH_CARRY]["username"]})
+
+    manager = jwtplus.SecretManager(secret=b"32 or more random bytes .........")
+    helper = jwtplus.JWTHelper(secret_manager=manager, protected_apis=("/hello",))
+    app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+    app.router.add_get("/hello", hello)
+    # a client sends:  Authorization: Bearer <manager.encode({"username": "ann"})>
+
+Depends on aiohttp and PyJWT only. Read it top to bottom: errors, durations,
+configuration, keys and rotation, encode/decode, token getters, identifiers,
+the routing decision, middleware factories, aiohttp wiring, the seed's names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import math
+import re
+import secrets
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypeAlias
+
+import jwt
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from jwt.algorithms import HMACAlgorithm
+
+__all__ = (
+    # errors and constants
+    "MAX_TOKEN_LENGTH",
+    "AuthStatus",
+    "Duration",
+    "KeyIdError",
+    "TokenTooLargeError",
+    "WeakSecretWarning",
+    # durations
+    "parse_duration",
+    # configuration
+    "RoutingRules",
+    "SecretManager",
+    # keys and rotation
+    "key_for_period",
+    "period_of",
+    # encode / decode
+    "decode_token",
+    "encode_token",
+    # token getters
+    "TokenGetter",
+    "basic_token_getter",
+    "header_token_getter",
+    # identifiers
+    "Identifier",
+    "AuthResult",
+    "authenticate",
+    "basic_identifier",
+    # routing decision
+    "Action",
+    "decide",
+    "path_readings",
+    # middleware factories
+    "identifier_middleware",
+    "router_middleware",
+    # aiohttp wiring
+    "AUTH_CARRY",
+    "AUTH_STATUS",
+    "JWTPLUS_HELPER",
+    "get_auth_carry",
+    "get_auth_status",
+    "setup",
+    # the seed's names
+    "JWTHelper",
+    "show_request_info",
+)
+
+_log = logging.getLogger("jwtplus")
+
+Duration: TypeAlias = "str | int | float | timedelta"
+AuthStatus: TypeAlias = Literal["pass", "missing", "invalid", "expired", "rejected"]
+TokenGetter: TypeAlias = Callable[[web.Request], "str | Awaitable[str | None] | None"]
+Identifier: TypeAlias = Callable[[dict[str, Any]], Any]
+_Patterns: TypeAlias = "Iterable[str | re.Pattern[str]]"
+
+
+# ---- Constants and errors ----
+
+MAX_TOKEN_LENGTH = 8192
+"""Tokens longer than this many characters are refused before any decoding."""
+
+_MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
+_MAX_DURATION = 10**10  # seconds, about 317 years: keeps now + exptime below the year 9999
+_MAX_KID_DIGITS = 15
+_ROTATION_LABEL = b"jwtplus-rotation-v1:"
+_HASHES: dict[str, Callable[..., Any]] = {
+    "HS256": hashlib.sha256,
+    "HS384": hashlib.sha384,
+    "HS512": hashlib.sha512,
+}
+
+
+class TokenTooLargeError(jwt.DecodeError):
+    """Raised when a token is longer than MAX_TOKEN_LENGTH or not ASCII."""
+
+
+class KeyIdError(jwt.InvalidTokenError):
+    """Raised when a rotating token's ``kid`` is missing, malformed or out of its window."""
+
+
+class WeakSecretWarning(UserWarning):
+    """Warned once per SecretManager whose secret is shorter than its hash output."""
+
+
+# ---- Durations ----
+
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)([smhdw]?)", re.ASCII)
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_FORMS = (
+    'a number of seconds (int or float), a timedelta, or a string such as "30d", '
+    '"12h", "15m", "10s", "1.5h", "2w" or "3600"'
+)
+
+
+def parse_duration(value: Duration, *, name: str = "duration") -> float:
+    """Return *value* as a number of seconds, an int when it is whole.
+
+    *name* is the parameter the value came from; a bad value raises
+    ``ValueError`` naming it and the accepted forms.
+
+    >>> parse_duration("1.5h"), parse_duration("30d"), parse_duration(90)
+    (5400, 2592000, 90)
+    """
+    seconds: float
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
+        seconds = float(m[1]) * _UNITS[m[2]]
+    else:
+        raise ValueError(f"{name}={value!r} is not a duration: use {_DURATION_FORMS}")
+    if not (math.isfinite(seconds) and 0 <= seconds <= _MAX_DURATION):
+        raise ValueError(
+            f"{name}={value!r} must be between 0 and {_MAX_DURATION} seconds: use {_DURATION_FORMS}"
+        )
+    return int(seconds) if float(seconds).is_integer() else seconds
+
+
+# ---- Configuration ----
+
+
+def _compile_patterns(patterns: _Patterns, *, name: str, flags: int = 0) -> tuple[re.Pattern[str], ...]:
+    """Compile route patterns once, failing with the parameter's name."""
+    if isinstance(patterns, (str, bytes)):
+        raise TypeError(
+            f"{name} must be a tuple or list of regular expressions, got the string {patterns!r} "
+            f"(a one-pattern tuple needs a trailing comma: ({patterns!r},))"
+        )
+    compiled = []
+    for entry in patterns:
+        source, own_flags = (entry.pattern, entry.flags) if isinstance(entry, re.Pattern) else (entry, 0)
+        if not isinstance(source, str):
+            raise TypeError(f"{name} holds {entry!r}: each entry must be a regular expression string")
+        try:
+            compiled.append(re.compile(source, own_flags | flags))
+        except re.error as exc:
+            raise ValueError(f"{name} holds the bad regular expression {source!r}: {exc}") from None
+    return tuple(compiled)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingRules:
+    """Configuration of the SPA routing table (see :func:`decide`).
+
+    Patterns are regular expressions that must match the whole path. A ``.``
+    in a protected pattern also matches a newline, so an encoded ``%0A``
+    cannot step out of it.
+    """
+
+    login_route: str = ""
+    """Path of the login page: a logged-in GET gets the app page instead ("" for none)."""
+    whitelist: _Patterns = ()
+    """Paths whose handler always runs, token or not."""
+    protected_apis: _Patterns = ()
+    """Paths that answer 401/403 instead of a page when the token is not accepted."""
+    login_page: bool = False
+    """Whether an unauthorized_return_route_handler exists (otherwise 401/403)."""
+    app_page: bool = False
+    """Whether an authorized_return_page_handler exists (otherwise the real handler)."""
+    _whitelist: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
+    _protected: tuple[re.Pattern[str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.login_route, str) or (
+            self.login_route and not self.login_route.startswith("/")
+        ):
+            raise ValueError(
+                f'login_route={self.login_route!r} must be "" (no login page) or a path starting with "/"'
+            )
+        whitelist = _compile_patterns(self.whitelist, name="whitelist")
+        protected = _compile_patterns(self.protected_apis, name="protected_apis", flags=re.DOTALL)
+        object.__setattr__(self, "whitelist", tuple(p.pattern for p in whitelist))
+        object.__setattr__(self, "protected_apis", tuple(p.pattern for p in protected))
+        object.__setattr__(self, "_whitelist", whitelist)
+        object.__setattr__(self, "_protected", protected)
+
+
+def _secret_bytes(secret: str | bytes) -> bytes:
+    """Encode the configured secret; an empty one becomes 32 random bytes."""
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8")
+    if not isinstance(secret, bytes):
+        raise TypeError(f"secret must be str or bytes, got {type(secret).__name__}")
+    return secret or secrets.token_bytes(32)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SecretManager:
+    """Everything needed to sign and check tokens: secret, algorithm, lifetimes.
+
+    Frozen and validated at construction. Every process that must accept the
+    others' tokens needs the same *secret*, *refresh_interval* and *exptime*.
+    An empty *secret* draws 32 random bytes, so tokens then die with the process.
+
+    .. warning:: the algorithm comes from here, never from a token.
+    """
+
+    secret: str | bytes = field(default="", repr=False)
+    """The HMAC secret ("" draws a random one); warned about when shorter than the hash."""
+    refresh_interval: Duration = 0
+    """Rotation period (0: one key, the secret itself). Whole seconds."""
+    scheme: str = "Bearer"
+    """Authorization scheme read by the basic token getter and sent in challenges."""
+    algorithm: str = "HS256"
+    """HS256, HS384 or HS512."""
+    exptime: Duration = "30d"
+    """Lifetime of a token from its issue."""
+    _: KW_ONLY
+    audience: str | Sequence[str] | None = None
+    """Required ``aud`` (any of these); also stamped on new tokens."""
+    issuer: str | None = None
+    """Required ``iss``; also stamped on new tokens."""
+    leeway: Duration = 0
+    """Clock skew tolerated on every time check."""
+    refresh_seconds: int = field(init=False)
+    exptime_seconds: float = field(init=False)
+    leeway_seconds: float = field(init=False)
+    _key: bytes = field(init=False, repr=False)
+    _audiences: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        setattr_ = functools.partial(object.__setattr__, self)
+        if self.algorithm not in _HASHES:
+            raise ValueError(
+                f"algorithm={self.algorithm!r} is not supported: use one of {', '.join(_HASHES)}"
+            )
+        if not isinstance(self.scheme, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", self.scheme):
+            raise ValueError(f'scheme={self.scheme!r} must be an HTTP auth scheme such as "Bearer"')
+        refresh = parse_duration(self.refresh_interval, name="refresh_interval")
+        if refresh != int(refresh):
+            raise ValueError(
+                f"refresh_interval={self.refresh_interval!r} must be 0 or a whole number of seconds"
+            )
+        exptime = parse_duration(self.exptime, name="exptime")
+        if exptime <= 0:
+            raise ValueError(f"exptime={self.exptime!r} must be positive: use {_DURATION_FORMS}")
+        setattr_("refresh_seconds", int(refresh))
+        setattr_("exptime_seconds", exptime)
+        setattr_("leeway_seconds", parse_duration(self.leeway, name="leeway"))
+        setattr_("_audiences", _audience_set(self.audience))
+        if self.issuer is not None and not isinstance(self.issuer, str):
+            raise TypeError(f"issuer={self.issuer!r} must be a string or None")
+        key = _secret_bytes(self.secret)
+        try:
+            _JWS_ALGORITHMS[self.algorithm].prepare_key(key)
+        except jwt.InvalidKeyError as exc:
+            raise ValueError(f"secret is not usable as an HMAC key: {exc}") from None
+        setattr_("_key", key)
+        wanted = _HASHES[self.algorithm]().digest_size
+        if len(key) < wanted:
+            warnings.warn(
+                f"SecretManager: the secret is {len(key)} bytes; {self.algorithm} wants at least "
+                f"{wanted} (RFC 7518 section 3.2). Generate one with secrets.token_urlsafe({wanted}).",
+                WeakSecretWarning,
+                stacklevel=3,
+            )
+
+    def encode(self, payload: Mapping[str, Any], *, now: float | None = None) -> str:
+        """Sign *payload* into a token: see :func:`encode_token`."""
+        return encode_token(self, payload, now=now)
+
+    def decode(self, token: str | bytes, *, now: float | None = None) -> dict[str, Any]:
+        """Verify *token* and return its claims: see :func:`decode_token`."""
+        return decode_token(self, token, now=now)
+
+    async def auto_refresh(self) -> None:
+        """Kept so the seed's code runs: keys are a pure function of secret and clock.
+
+        With rotation on, it derives each period's key as the period starts
+        (warming the cache) until cancelled; without rotation it returns at once.
+        """
+        interval = self.refresh_seconds
+        while interval:
+            now = time.time()
+            key_for_period(self, period_of(now, interval))
+            await asyncio.sleep(interval - now % interval)
+
+
+def _audience_set(audience: str | Sequence[str] | None) -> frozenset[str]:
+    """Validate the configured audience into the set a token's ``aud`` must meet."""
+    if audience is None:
+        return frozenset()
+    values = [audience] if isinstance(audience, str) else audience
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or not all(isinstance(v, str) and v for v in values)
+    ):
+        raise TypeError(f"audience={audience!r} must be None, a string, or a list of non-empty strings")
+    return frozenset(values)
+
+
+# ---- Keys and rotation ----
+
+
+class _HMAC(HMACAlgorithm):
+    """PyJWT's HMAC, minus its per-call short-key warning: SecretManager warns once."""
+
+    def check_key_length(self, key: bytes) -> str | None:
+        return None
+
+
+_JWS_ALGORITHMS = {
+    "HS256": _HMAC(HMACAlgorithm.SHA256),
+    "HS384": _HMAC(HMACAlgorithm.SHA384),
+    "HS512": _HMAC(HMACAlgorithm.SHA512),
+}
+
+
+def _jws() -> jwt.PyJWS:
+    """A PyJWS that knows our three HMAC algorithms and nothing else."""
+    jws = jwt.PyJWS(algorithms=[])
+    for name, algorithm in _JWS_ALGORITHMS.items():
+        jws.register_algorithm(name, algorithm)
+    return jws
+
+
+_JWS = _jws()
+
+
+def period_of(now: float, interval: int) -> int:
+    """Return the rotation period holding instant *now*: periods of *interval* seconds from the epoch.
+
+    >>> period_of(59.9, 60), period_of(60, 60)
+    (0, 1)
+    """
+    return int(now // interval)
+
+
+@functools.lru_cache(maxsize=64)
+def _derive(secret: bytes, period: int, algorithm: str) -> bytes:
+    return hmac.new(secret, _ROTATION_LABEL + str(period).encode("ascii"), _HASHES[algorithm]).digest()
+
+
+def key_for_period(manager: SecretManager, period: int) -> bytes:
+    """Return the signing key of rotation *period*: HMAC(secret, label + decimal period).
+
+    The HMAC uses the algorithm's own hash (SHA-256 for HS256), so any process
+    with the same secret derives the same key with nothing shared or stored.
+    """
+    return _derive(manager._key, period, manager.algorithm)
+
+
+def _window_ok(manager: SecretManager, period: int, now: float) -> bool:
+    """Whether *period* can still hold unexpired tokens: n·R ≤ now+leeway and now < (n+1)·R+exptime+leeway."""
+    interval, leeway = manager.refresh_seconds, manager.leeway_seconds
+    return (
+        period * interval <= now + leeway and now < (period + 1) * interval + manager.exptime_seconds + leeway
+    )
+
+
+def _verification_key(manager: SecretManager, header: Mapping[str, Any], now: float) -> bytes:
+    """Pick the one key that may verify a token with *header*: never a trial of every key."""
+    if not manager.refresh_seconds:
+        return manager._key
+    kid = header.get("kid")
+    if not (
+        isinstance(kid, str)
+        and 0 < len(kid) <= _MAX_KID_DIGITS
+        and kid.isascii()
+        and kid.isdigit()
+        and (kid == "0" or kid[0] != "0")
+    ):
+        raise KeyIdError("the token's kid is missing or malformed")
+    period = int(kid)
+    if not _window_ok(manager, period, now):
+        raise KeyIdError("the token's key period is outside its window")
+    return key_for_period(manager, period)
+
+
+# ---- Encode / decode ----
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """Read a time claim strictly: a JSON number of seconds between 0 and the year 9999."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= _MAX_NUMERIC_DATE:
+        raise jwt.DecodeError(f"the {name} claim must be a number of seconds before the year 9999")
+    return float(value)
+
+
+def _check_claims(manager: SecretManager, claims: Mapping[str, Any], now: float) -> None:
+    """Check time, audience, issuer and string claims of verified *claims* at *now*."""
+    leeway = manager.leeway_seconds
+    exp = _numeric_date(claims, "exp")
+    if exp is None:
+        raise jwt.MissingRequiredClaimError("exp")
+    iat, nbf = _numeric_date(claims, "iat"), _numeric_date(claims, "nbf")
+    if now >= exp + leeway:
+        raise jwt.ExpiredSignatureError("Signature has expired")
+    if (iat is not None and iat > now + leeway) or (nbf is not None and nbf > now + leeway):
+        raise jwt.ImmatureSignatureError("The token is not yet valid")
+    for name in ("iss", "sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise jwt.DecodeError(f"the {name} claim must be a string")
+    if manager.issuer is not None and claims.get("iss") != manager.issuer:
+        raise jwt.InvalidIssuerError("Invalid issuer")
+    aud = claims.get("aud")
+    if not manager._audiences:
+        if aud:
+            raise jwt.InvalidAudienceError("Invalid audience")
+        return
+    auds = [aud] if isinstance(aud, str) else aud
+    if not isinstance(auds, list) or not all(isinstance(a, str) for a in auds):
+        raise jwt.InvalidAudienceError("Invalid audience")
+    if manager._audiences.isdisjoint(auds):
+        raise jwt.InvalidAudienceError("Invalid audience")
+
+
+def _time_claim(value: Any, name: str) -> Any:
+    """Turn a datetime into NumericDate; refuse a time claim that decode would refuse."""
+    if isinstance(value, datetime):
+        value = int(value.timestamp())
+    _numeric_date({name: value}, name)
+    return value
+
+
+def encode_token(manager: SecretManager, payload: Mapping[str, Any], *, now: float | None = None) -> str:
+    """Sign *payload* into a compact JWT.
+
+    Adds ``iat``, ``exp`` (*now* + exptime), a random ``jti``, and ``iss``/``aud``
+    when configured; the payload's own items win. With rotation on, the token
+    is signed with its period's key and names the period in ``kid``.
+    """
+    if not isinstance(payload, Mapping):
+        raise TypeError(f"payload must be a mapping of claims, got {type(payload).__name__}")
+    now = time.time() if now is None else now
+    iat = int(now)
+    claims: dict[str, Any] = {
+        "iat": iat,
+        "exp": iat + manager.exptime_seconds,
+        "jti": secrets.token_urlsafe(16),
+    }
+    if manager.issuer is not None:
+        claims["iss"] = manager.issuer
+    if manager.audience is not None:
+        claims["aud"] = manager.audience if isinstance(manager.audience, str) else list(manager.audience)
+    claims.update(payload)
+    for name in ("exp", "iat", "nbf"):
+        if name in claims:
+            claims[name] = _time_claim(claims[name], name)
+    body = json.dumps(claims, separators=(",", ":")).encode("utf-8")
+    headers: dict[str, Any] = {"typ": "JWT"}
+    key = manager._key
+    if manager.refresh_seconds:
+        period = period_of(now, manager.refresh_seconds)
+        headers["kid"] = str(period)
+        key = key_for_period(manager, period)
+    return _JWS.encode(body, key, algorithm=manager.algorithm, headers=headers)
+
+
+def decode_token(manager: SecretManager, token: str | bytes, *, now: float | None = None) -> dict[str, Any]:
+    """Verify *token* and return its claims.
+
+    Checks, in order: size, the header's ``alg`` against the configured one,
+    the ``kid`` and its rotation window, the signature, then ``exp`` (required),
+    ``iat``, ``nbf``, ``iss`` and ``aud`` at *now* with the leeway. Any failure
+    raises ``jwt.InvalidTokenError`` or a subclass (``jwt.ExpiredSignatureError``
+    when expired).
+    """
+    if isinstance(token, bytes):
+        token = token.decode("ascii", "replace")
+    if not isinstance(token, str):
+        raise jwt.DecodeError("a token must be a string")
+    if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+        raise TokenTooLargeError("the token is too large or not ASCII")
+    now = time.time() if now is None else now
+    header = _JWS.get_unverified_header(token)
+    if header.get("alg") != manager.algorithm:
+        raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
+    key = _verification_key(manager, header, now)
+    signed = _JWS.decode_complete(token, key, algorithms=[manager.algorithm])
+    try:
+        claims = json.loads(signed["payload"])
+    except (ValueError, RecursionError):
+        raise jwt.DecodeError("the payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise jwt.DecodeError("the payload is not a JSON object")
+    _check_claims(manager, claims, now)
+    return claims
+
+
+# ---- Token getters ----
+
+
+def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization") -> TokenGetter:
+    """Return a getter reading ``<header>: <scheme> <token>``.
+
+    The scheme is compared case-insensitively; anything but exactly one
+    scheme and one token (or several such headers) counts as no token.
+    """
+    wanted = scheme.lower()
+
+    def get_token(request: web.Request) -> str | None:
+        values = request.headers.getall(header, ())
+        if len(values) != 1:
+            return None
+        parts = values[0].split()
+        if len(parts) != 2 or parts[0].lower() != wanted:
+            return None
+        return parts[1]
+
+    get_token.__qualname__ = get_token.__name__ = f"header_token_getter({scheme!r})"
+    return get_token
+
+
+basic_token_getter = header_token_getter("Bearer")
+"""The seed's getter: ``Authorization: Bearer <token>``; JWTHelper makes it follow the manager's scheme."""
+
+
+# ---- Identifiers ----
+
+
+async def _maybe_await(value: Any) -> Any:
+    """Let getters and identifiers be plain functions or coroutines."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def basic_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """The seed's identifier: accept a payload with a non-empty ``username`` string, carry it whole."""
+    username = payload.get("username")
+    return payload if isinstance(username, str) and username else None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """What identification made of a request: its status and the identifier's result."""
+
+    status: AuthStatus
+    carry: Any = None
+
+
+_MISSING = AuthResult("missing")
+_INVALID = AuthResult("invalid")
+_EXPIRED = AuthResult("expired")
+_REJECTED = AuthResult("rejected")
+
+
+async def authenticate(
+    request: web.Request,
+    manager: SecretManager,
+    token_getter: TokenGetter = basic_token_getter,
+    identifier: Identifier = basic_identifier,
+    *,
+    now: float | None = None,
+) -> AuthResult:
+    """Find, verify and identify the request's token; never raises.
+
+    The status is "missing" (no token), "invalid", "expired", "rejected" (the
+    identifier returned a falsy value or raised) or "pass", with the
+    identifier's result as ``carry``. Failures are logged without the token.
+    """
+    try:
+        token = await _maybe_await(token_getter(request))
+    except Exception:
+        _log.warning("jwtplus: the token getter raised; request treated as invalid", exc_info=True)
+        return _INVALID
+    if token is None or token == "":
+        return _MISSING
+    try:
+        payload = decode_token(manager, token, now=now)
+    except jwt.ExpiredSignatureError:
+        return _EXPIRED
+    except Exception as exc:  # PyJWT and json raise several kinds; all mean "not a good token"
+        _log.debug("jwtplus: token refused (%s)", type(exc).__name__)
+        return _INVALID
+    try:
+        carry = await _maybe_await(identifier(payload))
+    except Exception:
+        _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
+        return _REJECTED
+    return AuthResult("pass", carry) if carry else _REJECTED
+
+
+# ---- The routing decision ----
+
+
+class Action(enum.Enum):
+    """What the router does with a request, decided before any handler runs."""
+
+    HANDLER = "handler"
+    APP_PAGE = "app_page"
+    LOGIN_PAGE = "login_page"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+
+
+def _without_dot_segments(path: str) -> str:
+    """Resolve ``.`` and ``..`` and merge slashes, as a proxy or file server in front might."""
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment not in (".", ""):
+            out.append(segment)
+    trailing = path.endswith(("/", "/.", "/..")) and out
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def path_readings(path: str) -> tuple[str, ...]:
+    """Every way a path can be read, from the router's own (``rel_url.path_safe``).
+
+    The router's spelling keeps ``%2F`` and ``%25`` encoded; other readings
+    decode them and resolve dot segments.
+
+    >>> path_readings("/public%2Fx/../settings")
+    ('/public%2Fx/../settings', '/public/x/../settings', '/settings', '/public/settings')
+    """
+    if "%" not in path and "/." not in path and "//" not in path:
+        return (path,)
+    decoded = path.replace("%2F", "/").replace("%25", "%")
+    readings = (path, decoded, _without_dot_segments(path), _without_dot_segments(decoded))
+    return tuple(dict.fromkeys(readings))
+
+
+def decide(rules: RoutingRules, path: str, method: str, route_found: bool, status: AuthStatus) -> Action:
+    """The SPA routing table, as a pure function.
+
+    *path* is the path the router matched (``request.rel_url.path_safe``). A
+    path is whitelisted only if every reading of it matches a whitelist
+    pattern, and protected if any reading matches a protected one.
+
+    >>> rules = RoutingRules(login_route="/login.html", login_page=True, app_page=True)
+    >>> decide(rules, "/index.html", "GET", True, "missing"), decide(rules, "/api", "POST", True, "pass")
+    (<Action.LOGIN_PAGE: 'login_page'>, <Action.HANDLER: 'handler'>)
+    """
+    readings = path_readings(path)
+    if rules._whitelist and all(any(p.fullmatch(r) for p in rules._whitelist) for r in readings):
+        return Action.HANDLER
+    ok = status == "pass"
+    denied = Action.FORBIDDEN if status == "rejected" else Action.UNAUTHORIZED
+    page = method in ("GET", "HEAD")
+    if page and rules.login_route and path == rules.login_route:
+        if ok:
+            return Action.APP_PAGE if rules.app_page else Action.HANDLER
+        return Action.LOGIN_PAGE if rules.login_page else Action.HANDLER
+    if not page or any(p.fullmatch(r) for p in rules._protected for r in readings):
+        return Action.HANDLER if ok else denied
+    if ok:
+        return Action.HANDLER if route_found or not rules.app_page else Action.APP_PAGE
+    return Action.LOGIN_PAGE if rules.login_page else denied
+
+
+# ---- Middleware factories ----
+
+_BODY_401 = b'{"error":"unauthorized"}'
+_BODY_403 = b'{"error":"forbidden"}'
+
+
+def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
+    """The 401/403 answer (RFC 6750): the same body whatever check failed."""
+    if action is Action.FORBIDDEN:
+        challenge, body, code = f'{scheme} error="insufficient_scope"', _BODY_403, 403
+    else:
+        challenge = scheme if status == "missing" else f'{scheme} error="invalid_token"'
+        body, code = _BODY_401, 401
+    return web.Response(
+        body=body,
+        status=code,
+        content_type="application/json",
+        headers={"WWW-Authenticate": challenge, "Cache-Control": "no-store"},
+    )
+
+
+_quiet_keys: set[str] = set()
+
+
+def _set_seed_key(request: web.Request, key: str, value: Any) -> None:
+    """Set one of the seed's string keys without aiohttp's NotAppKeyWarning reaching users.
+
+    aiohttp warns once per process per string key, so only the first set needs muting.
+    """
+    if key in _quiet_keys:
+        request[key] = value
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        request[key] = value
+    _quiet_keys.add(key)
+
+
+def identifier_middleware(
+    *,
+    manager: SecretManager,
+    token_getter: TokenGetter = basic_token_getter,
+    identifier: Identifier = basic_identifier,
+) -> Middleware:
+    """Return the middleware that identifies each request and stores the result.
+
+    It sets ``request[AUTH_STATUS]`` and ``request[AUTH_CARRY]`` (and the
+    seed's ``'auth_status'`` and ``'auth_carry'``), then always calls the handler.
+    """
+
+    @web.middleware
+    async def jwt_identifier(request: web.Request, handler: Handler) -> web.StreamResponse:
+        result = await authenticate(request, manager, token_getter, identifier)
+        request[AUTH_STATUS] = result.status
+        request[AUTH_CARRY] = result.carry
+        _set_seed_key(request, "auth_status", result.status)
+        _set_seed_key(request, "auth_carry", result.carry)
+        return await handler(request)
+
+    return jwt_identifier
+
+
+def router_middleware(
+    *,
+    rules: RoutingRules,
+    login_page_handler: Handler | None = None,
+    app_page_handler: Handler | None = None,
+    scheme: str = "Bearer",
+) -> Middleware:
+    """Return the middleware that applies :func:`decide` to each identified request.
+
+    It must come after :func:`identifier_middleware`.
+    """
+    if rules.login_page != (login_page_handler is not None) or rules.app_page != (
+        app_page_handler is not None
+    ):
+        raise ValueError("rules.login_page and rules.app_page must say whether each page handler is given")
+
+    @web.middleware
+    async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
+        status = get_auth_status(request)
+        route_found = request.match_info.http_exception is None
+        action = decide(rules, request.rel_url.path_safe, request.method, route_found, status)
+        if action is Action.HANDLER:
+            return await handler(request)
+        if action is Action.LOGIN_PAGE and login_page_handler is not None:
+            return await login_page_handler(request)
+        if action is Action.APP_PAGE and app_page_handler is not None:
+            return await app_page_handler(request)
+        return _challenge(scheme, action, status)
+
+    return jwt_router
+
+
+# ---- aiohttp wiring ----
+
+AUTH_STATUS = web.RequestKey[AuthStatus]("auth_status")
+"""The request's :data:`AuthStatus`: "pass", "missing", "invalid", "expired" or "rejected"."""
+AUTH_CARRY = web.RequestKey[Any]("auth_carry")
+"""What the identifier returned for the request's token (None unless the status is "pass")."""
+
+
+def _not_installed() -> RuntimeError:
+    return RuntimeError(
+        "jwtplus middleware is not installed: put JWTHelper.pre_jwt_identifier() before "
+        "post_jwt_router() in the app's middlewares, or call jwtplus.setup(app, helper)"
+    )
+
+
+def get_auth_status(request: web.Request) -> AuthStatus:
+    """Return the request's auth status; raises RuntimeError when jwtplus is not installed."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_STATUS]
+
+
+def get_auth_carry(request: web.Request) -> Any:
+    """Return what the identifier returned for the request (None unless it passed)."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_CARRY]
+
+
+# ---- The seed's names ----
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class JWTHelper:
+    """The seed's configuration object: where tokens come from, who passes, and the routing table.
+
+    Without page handlers it is in API mode: every path that is not
+    whitelisted needs a valid token (401/403). Put ``pre_jwt_identifier()``
+    before ``post_jwt_router()`` in the app's middlewares, or call :func:`setup`.
+    """
+
+    unauthorized_return_route: str = ""
+    """The login page's path: a logged-in GET of it gets the authorized page."""
+    unauthorized_return_route_handler: Handler | None = None
+    """The login page: served for page requests without an accepted token."""
+    authorized_return_page_handler: Handler | None = None
+    """The app page: served to logged-in GETs of the login route and of unknown paths."""
+    secret_manager: SecretManager | None = None
+    """None: a new SecretManager() with a random secret."""
+    token_getter: TokenGetter | None = None
+    """None: read ``Authorization: <scheme> <token>`` with the manager's scheme."""
+    identifier: Identifier | None = None
+    """None: :func:`basic_identifier`."""
+    whitelist: _Patterns = ()
+    """Paths whose handler always runs."""
+    protected_apis: _Patterns = ()
+    """Paths that answer 401/403 rather than a page."""
+    manager: SecretManager = field(init=False, repr=False)
+    rules: RoutingRules = field(init=False, repr=False)
+    _getter: TokenGetter = field(init=False, repr=False)
+    _identifier: Identifier = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        setattr_ = functools.partial(object.__setattr__, self)
+        for name in (
+            "unauthorized_return_route_handler",
+            "authorized_return_page_handler",
+            "token_getter",
+            "identifier",
+        ):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {value!r}")
+        manager = SecretManager() if self.secret_manager is None else self.secret_manager
+        if not isinstance(manager, SecretManager):
+            raise TypeError(f"secret_manager must be a SecretManager or None, got {manager!r}")
+        getter = self.token_getter
+        if getter is None or getter is basic_token_getter:
+            getter = header_token_getter(manager.scheme)
+        setattr_("manager", manager)
+        setattr_("_getter", getter)
+        setattr_("_identifier", self.identifier or basic_identifier)
+        setattr_(
+            "rules",
+            RoutingRules(
+                login_route=self.unauthorized_return_route,
+                whitelist=self.whitelist,
+                protected_apis=self.protected_apis,
+                login_page=self.unauthorized_return_route_handler is not None,
+                app_page=self.authorized_return_page_handler is not None,
+            ),
+        )
+
+    def pre_jwt_identifier(self) -> Middleware:
+        """The first middleware: identify the request (see :func:`identifier_middleware`)."""
+        return identifier_middleware(
+            manager=self.manager, token_getter=self._getter, identifier=self._identifier
+        )
+
+    def post_jwt_router(self) -> Middleware:
+        """The second middleware: route by the table (see :func:`router_middleware`)."""
+        return router_middleware(
+            rules=self.rules,
+            login_page_handler=self.unauthorized_return_route_handler,
+            app_page_handler=self.authorized_return_page_handler,
+            scheme=self.manager.scheme,
+        )
+
+
+JWTPLUS_HELPER = web.AppKey("jwtplus_helper", JWTHelper)
+"""Where :func:`setup` keeps the app's JWTHelper."""
+
+
+def setup(app: web.Application, helper: JWTHelper) -> JWTHelper:
+    """Install *helper*'s two middlewares on *app*, in order, and keep it at ``app[JWTPLUS_HELPER]``."""
+    app.middlewares.extend((helper.pre_jwt_identifier(), helper.post_jwt_router()))
+    app[JWTPLUS_HELPER] = helper
+    return helper
+
+
+def show_request_info(request: web.Request) -> None:
+    """Print a request's method, path and what jwtplus made of it (never its token)."""
+    status, carry = request.get(AUTH_STATUS), request.get(AUTH_CARRY)
+    print(f"{request.method} {request.path} from {request.remote}: auth_status={status} auth_carry={carry!r}")
