@@ -28,6 +28,7 @@ the routing decision, middleware factories, aiohttp wiring, the seed's names.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import functools
 import hashlib
@@ -504,10 +505,20 @@ def encode_token(manager: SecretManager, payload: Mapping[str, Any], *, now: flo
     return _JWS.encode(body, key, algorithm=manager.algorithm, headers=headers)
 
 
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
+def _canonical_b64(segment: str) -> bool:
+    """Whether *segment* is the one base64url spelling of its bytes, so a token has one spelling only."""
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == segment
+
+
 def decode_token(manager: SecretManager, token: str | bytes, *, now: float | None = None) -> dict[str, Any]:
     """Verify *token* and return its claims.
 
-    Checks, in order: size, the header's ``alg`` against the configured one,
+    Checks, in order: size and form (three unpadded, canonical base64url
+    segments: one token, one spelling), the header's ``alg`` against the configured one,
     the ``kid`` and its rotation window, the signature, then ``exp`` (required),
     ``iat``, ``nbf``, ``iss`` and ``aud`` at *now* with the leeway. Any failure
     raises ``jwt.InvalidTokenError`` or a subclass (``jwt.ExpiredSignatureError``
@@ -519,8 +530,13 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
         raise jwt.DecodeError("a token must be a string")
     if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
         raise TokenTooLargeError("the token is too large or not ASCII")
+    if not _COMPACT_JWS.fullmatch(token) or not _canonical_b64(token[token.rindex(".") + 1 :]):
+        raise jwt.DecodeError("the token is not three unpadded base64url segments")
     now = time.time() if now is None else now
-    header = _JWS.get_unverified_header(token)
+    try:
+        header = _JWS.get_unverified_header(token)
+    except RecursionError:
+        raise jwt.DecodeError("the header is nested too deeply") from None
     if header.get("alg") != manager.algorithm:
         raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
     key = _verification_key(manager, header, now)
@@ -541,8 +557,9 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
 def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization") -> TokenGetter:
     """Return a getter reading ``<header>: <scheme> <token>``.
 
-    The scheme is compared case-insensitively; anything but exactly one
-    scheme and one token (or several such headers) counts as no token.
+    The scheme is compared case-insensitively and separated by spaces (RFC
+    7235: not tabs or other white space); anything but exactly one scheme and
+    one token (or several such headers) counts as no token.
     """
     wanted = scheme.lower()
 
@@ -550,7 +567,7 @@ def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization"
         values = request.headers.getall(header, ())
         if len(values) != 1:
             return None
-        parts = values[0].split()
+        parts = [part for part in values[0].split(" ") if part]
         if len(parts) != 2 or parts[0].lower() != wanted:
             return None
         return parts[1]

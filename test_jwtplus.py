@@ -8,23 +8,38 @@ and the examples and servers as real processes.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import hmac
 import json
+import logging
 import math
+import os
+import re
+import secrets
+import socket
+import sys
 import time
+import urllib.parse
 import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jwt
 import pytest
-from aiohttp import web
-from hypothesis import given
+import yarl
+from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 import jwtplus
 from jwtplus import Action, JWTHelper, RoutingRules, SecretManager, decide
@@ -794,3 +809,1718 @@ def test_functools_composition_of_the_factories() -> None:
     assert callable(identify(identifier=async_username))
     with pytest.raises(ValueError, match="login_page"):
         jwtplus.router_middleware(rules=SPA)
+
+
+# ---- Hardening: a hostile client's tokens, headers and paths ----
+# Hardening tests for jwtplus (issue 2, sections 3 and 5): a hostile client's view.
+#
+# Part A sends bad tokens and malformed Authorization headers to a real aiohttp
+# app and calls ``decode_token`` on them directly: every one must give a 401
+# with the same body (never a 500, a stack trace or a hint), and ``decode_token``
+# must raise a ``jwt.InvalidTokenError`` subclass. Tokens are forged by hand
+# (base64url + HMAC with the right secret or the right period key) so that the
+# only thing standing between them and the handler is the check under test.
+#
+# Part B spells paths every way a client can and checks, through real
+# requests (raw sockets, so nothing normalises the request target), that no
+# spelling reaches a handler that is not whitelisted without a token; and
+# checks ``decide`` and ``path_readings`` as pure functions on the same spellings.
+
+# -- Shared material --
+
+H_SECRET = bytes(range(0x21, 0x61))  # 64 bytes: enough for HS512, so neither jwtplus nor PyJWT warns
+OTHER_SECRET = bytes(range(0x30, 0x70))
+ATTACKER_KEY = bytes(range(0x40, 0x80))
+HOUR = 3600
+H_NOW = 1_700_000_000  # fixed clock for decode_token; the servers use the real clock
+BODY_401 = b'{"error":"unauthorized"}'
+BODY_403 = b'{"error":"forbidden"}'
+CHALLENGE_MISSING = "Bearer"
+CHALLENGE_INVALID = 'Bearer error="invalid_token"'
+CHALLENGE_FORBIDDEN = 'Bearer error="insufficient_scope"'
+# Response headers a 401/403 may carry; anything else could leak which check failed.
+CHALLENGE_HEADERS = {
+    "content-type",
+    "content-length",
+    "www-authenticate",
+    "cache-control",
+    "date",
+    "server",
+    "connection",
+}
+
+MANAGER = jwtplus.SecretManager(secret=H_SECRET)
+ROTATING = jwtplus.SecretManager(secret=H_SECRET, refresh_interval=HOUR, exptime=2 * HOUR)
+
+HITS = web.AppKey("jwtplus_test_hits", list)
+"""Each handler appends (its name, the path_safe it was called for): proof of whether it ran."""
+
+Builder = Callable[[float], str]
+"""Makes one token for the instant it is given (fixed H_NOW for decode_token, the real clock for servers)."""
+
+DROP: Any = object()
+"""A claim or header value meaning: leave this item out."""
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def to_json(value: Any) -> bytes:
+    """Serialise a header or payload; bytes are sent as they are (for not-JSON and odd JSON)."""
+    if isinstance(value, bytes):
+        return value
+    # allow_nan (the default) writes NaN and Infinity, which Python's json.loads accepts back.
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def hs(key: bytes, signing_input: str, digest: Callable[..., Any] = hashlib.sha256) -> str:
+    return b64url(hmac.new(key, signing_input.encode("ascii"), digest).digest())
+
+
+def forge(
+    header: Any,
+    payload: Any,
+    *,
+    key: bytes = H_SECRET,
+    digest: Callable[..., Any] = hashlib.sha256,
+) -> str:
+    """A compact JWS over *header* and *payload*, HMAC-signed with *key* (the right secret by default)."""
+    if isinstance(header, dict):
+        header = {k: v for k, v in header.items() if v is not DROP}
+    if isinstance(payload, dict):
+        payload = {k: v for k, v in payload.items() if v is not DROP}
+    signing_input = b64url(to_json(header)) + "." + b64url(to_json(payload))
+    return signing_input + "." + hs(key, signing_input, digest)
+
+
+def hdr(**extra: Any) -> dict[str, Any]:
+    return {"alg": "HS256", "typ": "JWT", **extra}
+
+
+def claims(now: float, **extra: Any) -> dict[str, Any]:
+    """Claims that pass every check at *now*, with *extra* items replacing or (DROP) removing some."""
+    return {"username": "mallory", "iat": int(now), "exp": int(now) + HOUR, **extra}
+
+
+def good(now: float) -> str:
+    """A hand-forged token that decode_token accepts: the control for every forged bad token."""
+    return forge(hdr(), claims(now))
+
+
+def sized(length: int, now: float) -> str:
+    """A validly signed token of exactly *length* characters."""
+    base = len(forge(hdr(), claims(now, pad="")))
+    start = max(0, (length - base) * 3 // 4 - 8)
+    for header_pad in range(4):
+        for pad in range(start, length):
+            candidate = forge(hdr(p="h" * header_pad), claims(now, pad="x" * pad))
+            if len(candidate) == length:
+                return candidate
+            if len(candidate) > length:
+                break
+    raise AssertionError(f"no token of length {length}")
+
+
+def padded(segment: int) -> Builder:
+    """A token whose header (0) or payload (1) segment carries its base64 '=' padding, signed as sent."""
+
+    def build(now: float) -> str:
+        for pad in range(4):
+            parts = [b64url(to_json(hdr(p="h" * pad))), b64url(to_json(claims(now, pad="x" * pad)))]
+            if len(parts[segment]) % 4:
+                parts[segment] += "=" * (-len(parts[segment]) % 4)
+                signing_input = ".".join(parts)
+                return signing_input + "." + hs(H_SECRET, signing_input)
+        raise AssertionError("unreachable")
+
+    return build
+
+
+def resigned(now: float, rewrite: Callable[[str], str]) -> str:
+    """A good token whose signature segment is rewritten by *rewrite* (an attacker needs no key for this)."""
+    for pad in range(64):
+        h, p, sig = forge(hdr(), claims(now, pad="x" * pad)).split(".")
+        if rewrite(sig) != sig:
+            return f"{h}.{p}.{rewrite(sig)}"
+    raise AssertionError("no signature to rewrite")
+
+
+def non_canonical_last_char(sig: str) -> str:
+    """Flip the unused low bits of the last base64url character: the same bytes, another string."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return sig[:-1] + alphabet[alphabet.index(sig[-1]) ^ 1]
+
+
+def period_token(kid: Any, key_period: int, now: float, **claim_items: Any) -> str:
+    """A token signed with rotation period *key_period*'s real key, its header naming *kid*."""
+    key = jwtplus.key_for_period(ROTATING, key_period)
+    return forge(hdr(kid=kid), claims(now, **claim_items), key=key)
+
+
+def period(now: float) -> int:
+    return int(now) // HOUR
+
+
+ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + d) for d in range(10)))
+FULLWIDTH = str.maketrans("0123456789", "".join(chr(0xFF10 + d) for d in range(10)))
+
+# -- Part A: bad tokens --
+# (id, builder(now) -> token, the InvalidTokenError subclass decode_token must raise)
+
+PLAIN_BAD: list[tuple[str, Builder, type[Exception]]] = [
+    # The algorithm comes from configuration, never from the token.
+    (
+        "alg none, empty signature",
+        lambda n: forge(hdr(alg="none"), claims(n)).rsplit(".", 1)[0] + ".",
+        jwt.DecodeError,  # refused by form first: empty signature segment
+    ),
+    (
+        "alg none, no signature segment",
+        lambda n: forge(hdr(alg="none"), claims(n)).rsplit(".", 1)[0],
+        jwt.DecodeError,
+    ),
+    (
+        "alg none, with a valid HS256 signature",
+        lambda n: forge(hdr(alg="none"), claims(n)),
+        jwt.InvalidAlgorithmError,
+    ),
+    (
+        "alg None",
+        lambda n: forge(hdr(alg="None"), claims(n)).rsplit(".", 1)[0] + ".",
+        jwt.DecodeError,  # refused by form first: empty signature segment
+    ),
+    (
+        "alg NONE",
+        lambda n: forge(hdr(alg="NONE"), claims(n)).rsplit(".", 1)[0] + ".",
+        jwt.DecodeError,  # refused by form first: empty signature segment
+    ),
+    (
+        "alg HS512 signed with the secret (PyJWT)",
+        lambda n: jwt.encode(claims(n), H_SECRET, algorithm="HS512"),
+        jwt.InvalidAlgorithmError,
+    ),
+    (
+        "alg HS384 signed with the secret (PyJWT)",
+        lambda n: jwt.encode(claims(n), H_SECRET, algorithm="HS384"),
+        jwt.InvalidAlgorithmError,
+    ),
+    (
+        "alg RS256 label, HMAC-SHA256 signature with the secret",
+        lambda n: forge(hdr(alg="RS256"), claims(n)),
+        jwt.InvalidAlgorithmError,
+    ),
+    (
+        "alg RS256 label, junk signature",
+        lambda n: forge(hdr(alg="RS256"), claims(n)).rsplit(".", 1)[0] + "." + b64url(b"\x00" * 256),
+        jwt.InvalidAlgorithmError,
+    ),
+    ("alg ES256 label", lambda n: forge(hdr(alg="ES256"), claims(n)), jwt.InvalidAlgorithmError),
+    ("alg missing", lambda n: forge(hdr(alg=DROP), claims(n)), jwt.InvalidAlgorithmError),
+    ("alg hs256 lowercase", lambda n: forge(hdr(alg="hs256"), claims(n)), jwt.InvalidAlgorithmError),
+    ("alg as a list", lambda n: forge(hdr(alg=["HS256"]), claims(n)), jwt.InvalidAlgorithmError),
+    ("alg null", lambda n: forge(hdr(alg=None), claims(n)), jwt.InvalidAlgorithmError),
+    # Signatures.
+    (
+        "signed with another secret",
+        lambda n: forge(hdr(), claims(n), key=OTHER_SECRET),
+        jwt.InvalidSignatureError,
+    ),
+    (
+        "jwk header carrying the attacker's key, signed with it",
+        lambda n: forge(hdr(jwk={"kty": "oct", "k": b64url(ATTACKER_KEY)}), claims(n), key=ATTACKER_KEY),
+        jwt.InvalidSignatureError,
+    ),
+    (
+        "payload swapped after signing",
+        lambda n: ".".join(
+            [good(n).split(".")[0], b64url(to_json(claims(n, username="admin"))), good(n).split(".")[2]]
+        ),
+        jwt.InvalidSignatureError,
+    ),
+    ("signature emptied", lambda n: good(n).rsplit(".", 1)[0] + ".", jwt.InvalidTokenError),
+    ("signature truncated", lambda n: good(n)[:-4], jwt.InvalidTokenError),
+    # Size and alphabet, refused before any decoding.
+    (
+        "over 8 KiB (MAX_TOKEN_LENGTH + 1), validly signed",
+        lambda n: sized(jwtplus.MAX_TOKEN_LENGTH + 1, n),
+        jwtplus.TokenTooLargeError,
+    ),
+    (
+        "64 KiB, validly signed",
+        lambda n: forge(hdr(), claims(n, pad="x" * 49_000)),
+        jwtplus.TokenTooLargeError,
+    ),
+    ("non-ASCII letter in front", lambda n: "\u00e9" + good(n), jwtplus.TokenTooLargeError),
+    (
+        "non-ASCII fullwidth full stops as separators",
+        lambda n: good(n).replace(".", "\uff0e"),
+        jwtplus.TokenTooLargeError,
+    ),
+    (
+        "non-ASCII digit inside the signature",
+        lambda n: good(n)[:-2] + "\u0663" + good(n)[-1:],
+        jwtplus.TokenTooLargeError,
+    ),
+    # Base64url.
+    ("bad base64 in the header segment", lambda n: "!!!!" + good(n)[good(n).index(".") :], jwt.DecodeError),
+    (
+        "bad base64 in the payload segment",
+        lambda n: good(n).split(".")[0] + ".!!!!." + good(n).split(".")[2],
+        jwt.DecodeError,
+    ),
+    ("bad base64 in the signature segment", lambda n: good(n).rsplit(".", 1)[0] + ".!!!!", jwt.DecodeError),
+    (
+        "header segment of impossible length (1 char)",
+        lambda n: "e" + good(n)[good(n).index(".") :],
+        jwt.DecodeError,
+    ),
+    (
+        "padding '=' written out in the signature segment (RFC 7515 forbids it)",
+        lambda n: good(n) + "=",
+        jwt.DecodeError,
+    ),
+    (
+        "signature in the standard base64 alphabet (+ and / for - and _)",
+        lambda n: resigned(n, lambda sig: sig.translate(str.maketrans("-_", "+/"))),
+        jwt.DecodeError,
+    ),
+    (
+        "signature with non-canonical trailing bits",
+        lambda n: resigned(n, non_canonical_last_char),
+        jwt.DecodeError,
+    ),
+    (
+        "signature with four junk characters inserted (length kept a multiple of 4)",
+        lambda n: resigned(n, lambda sig: sig[:8] + "!*~$" + sig[8:]),
+        jwt.DecodeError,
+    ),
+    (
+        "signature with an embedded space",
+        lambda n: resigned(n, lambda sig: sig[:8] + " " + sig[8:]),
+        jwt.DecodeError,
+    ),
+    (
+        "padding '=' written out in the payload segment, signed as sent (RFC 7515 forbids it)",
+        padded(1),
+        jwt.DecodeError,
+    ),
+    (
+        "padding '=' written out in the header segment, signed as sent (RFC 7515 forbids it)",
+        padded(0),
+        jwt.DecodeError,
+    ),
+    ("empty string", lambda n: "", jwt.DecodeError),
+    ("only dots", lambda n: "..", jwt.DecodeError),
+    ("two segments", lambda n: good(n).rsplit(".", 1)[0], jwt.DecodeError),
+    ("four segments", lambda n: good(n) + ".e30", jwt.DecodeError),
+    # Header that is not a JSON object.
+    ("header not JSON", lambda n: forge(b"alg=HS256", claims(n)), jwt.DecodeError),
+    ("header a JSON array", lambda n: forge(b'["HS256"]', claims(n)), jwt.DecodeError),
+    ("header a JSON string", lambda n: forge(b'"HS256"', claims(n)), jwt.DecodeError),
+    ("header a JSON number", lambda n: forge(b"256", claims(n)), jwt.DecodeError),
+    ("header null", lambda n: forge(b"null", claims(n)), jwt.DecodeError),
+    ("header not UTF-8", lambda n: forge(b'{"alg":"HS256","x":"\xff"}', claims(n)), jwt.DecodeError),
+    ("header nested 2900 deep", lambda n: forge(b"[" * 2900 + b"]" * 2900, claims(n)), jwt.DecodeError),
+    (
+        "header with a 5000-digit integer",
+        lambda n: forge(b'{"alg":"HS256","x":' + b"9" * 5000 + b"}", claims(n)),
+        jwt.DecodeError,
+    ),
+    (
+        "header b64=false (unencoded payload)",
+        lambda n: forge(hdr(b64=False, crit=["b64"]), claims(n)),
+        jwt.InvalidTokenError,
+    ),
+    (
+        "header crit naming an unknown extension",
+        lambda n: forge(hdr(crit=["x"], x=1), claims(n)),
+        jwt.InvalidTokenError,
+    ),
+    # Payload that is not a JSON object (all validly signed).
+    ("payload not JSON", lambda n: forge(hdr(), b"username=admin"), jwt.DecodeError),
+    ("payload a JSON array", lambda n: forge(hdr(), b'[{"username":"admin"}]'), jwt.DecodeError),
+    ("payload a JSON string", lambda n: forge(hdr(), b'"admin"'), jwt.DecodeError),
+    ("payload a JSON number", lambda n: forge(hdr(), b"1"), jwt.DecodeError),
+    ("payload null", lambda n: forge(hdr(), b"null"), jwt.DecodeError),
+    ("payload true", lambda n: forge(hdr(), b"true"), jwt.DecodeError),
+    ("payload not UTF-8", lambda n: forge(hdr(), b'{"username":"\xff"}'), jwt.DecodeError),
+    ("payload nested 3000 deep", lambda n: forge(hdr(), b"[" * 3000 + b"]" * 3000), jwt.DecodeError),
+    (
+        "payload with a 5000-digit exp",
+        lambda n: forge(hdr(), b'{"exp":' + b"9" * 5000 + b"}"),
+        jwt.DecodeError,
+    ),
+    # exp: a JSON number of seconds, before the year 9999, required.
+    (
+        'exp the string "9999999999" (PyJWT)',
+        lambda n: jwt.encode(claims(n, exp="9999999999"), H_SECRET, algorithm="HS256"),
+        jwt.DecodeError,
+    ),
+    (
+        "exp 1e308 (PyJWT)",
+        lambda n: jwt.encode(claims(n, exp=1e308), H_SECRET, algorithm="HS256"),
+        jwt.DecodeError,
+    ),
+    ("exp true", lambda n: forge(hdr(), claims(n, exp=True)), jwt.DecodeError),
+    ("exp false", lambda n: forge(hdr(), claims(n, exp=False)), jwt.DecodeError),
+    ("exp NaN", lambda n: forge(hdr(), claims(n, exp=float("nan"))), jwt.DecodeError),
+    ("exp Infinity", lambda n: forge(hdr(), claims(n, exp=float("inf"))), jwt.DecodeError),
+    ("exp -Infinity", lambda n: forge(hdr(), claims(n, exp=float("-inf"))), jwt.DecodeError),
+    ("exp null", lambda n: forge(hdr(), claims(n, exp=None)), jwt.DecodeError),
+    ("exp a list", lambda n: forge(hdr(), claims(n, exp=[int(n) + HOUR])), jwt.DecodeError),
+    ("exp an object", lambda n: forge(hdr(), claims(n, exp={"$date": int(n) + HOUR})), jwt.DecodeError),
+    ('exp the string "1e10"', lambda n: forge(hdr(), claims(n, exp="1e10")), jwt.DecodeError),
+    ("exp 10**30", lambda n: forge(hdr(), claims(n, exp=10**30)), jwt.DecodeError),
+    (
+        "exp in the year 10000 (253402300800)",
+        lambda n: forge(hdr(), claims(n, exp=253402300800)),
+        jwt.DecodeError,
+    ),
+    ("exp negative", lambda n: forge(hdr(), claims(n, exp=-1)), jwt.DecodeError),
+    ("exp missing", lambda n: forge(hdr(), claims(n, exp=DROP)), jwt.MissingRequiredClaimError),
+    (
+        "exp passed",
+        lambda n: forge(hdr(), claims(n, iat=int(n) - 2 * HOUR, exp=int(n) - 1)),
+        jwt.ExpiredSignatureError,
+    ),
+    ("exp 0", lambda n: forge(hdr(), claims(n, iat=DROP, exp=0)), jwt.ExpiredSignatureError),
+    # iat and nbf.
+    ("iat in the future", lambda n: forge(hdr(), claims(n, iat=int(n) + 600)), jwt.ImmatureSignatureError),
+    ("nbf in the future", lambda n: forge(hdr(), claims(n, nbf=int(n) + 600)), jwt.ImmatureSignatureError),
+    ("iat a string", lambda n: forge(hdr(), claims(n, iat=str(int(n)))), jwt.DecodeError),
+    ("nbf a string", lambda n: forge(hdr(), claims(n, nbf=str(int(n)))), jwt.DecodeError),
+    ("iat true", lambda n: forge(hdr(), claims(n, iat=True)), jwt.DecodeError),
+    ("iat NaN", lambda n: forge(hdr(), claims(n, iat=float("nan"))), jwt.DecodeError),
+    ("iat 1e308", lambda n: forge(hdr(), claims(n, iat=1e308)), jwt.DecodeError),
+    ("nbf -Infinity", lambda n: forge(hdr(), claims(n, nbf=float("-inf"))), jwt.DecodeError),
+    ("iat negative", lambda n: forge(hdr(), claims(n, iat=-5)), jwt.DecodeError),
+    # String claims and an audience nobody configured.
+    ("sub a number", lambda n: forge(hdr(), claims(n, sub=1)), jwt.DecodeError),
+    ("jti a list", lambda n: forge(hdr(), claims(n, jti=["a"])), jwt.DecodeError),
+    (
+        "aud present but no audience configured",
+        lambda n: forge(hdr(), claims(n, aud="other-service")),
+        jwt.InvalidAudienceError,
+    ),
+]
+
+ROTATING_BAD: list[tuple[str, Builder, type[Exception]]] = [
+    ("kid missing", lambda n: period_token(DROP, period(n), n), jwtplus.KeyIdError),
+    ('kid ""', lambda n: period_token("", period(n), n), jwtplus.KeyIdError),
+    ('kid "abc"', lambda n: period_token("abc", period(n), n), jwtplus.KeyIdError),
+    ('kid "../../etc/passwd"', lambda n: period_token("../../etc/passwd", period(n), n), jwtplus.KeyIdError),
+    ('kid "1 OR 1=1"', lambda n: period_token("1 OR 1=1", period(n), n), jwtplus.KeyIdError),
+    ("kid a list [period]", lambda n: period_token([str(period(n))], period(n), n), jwt.InvalidTokenError),
+    (
+        "kid an int (the current period)",
+        lambda n: period_token(period(n), period(n), n),
+        jwt.InvalidTokenError,
+    ),
+    ("kid null", lambda n: period_token(None, period(n), n), jwt.InvalidTokenError),
+    ('kid "\\u0663" (ARABIC-INDIC DIGIT THREE)', lambda n: period_token("\u0663", 3, n), jwtplus.KeyIdError),
+    (
+        "kid = the current period in Arabic-Indic digits (int() reads it)",
+        lambda n: period_token(str(period(n)).translate(ARABIC_INDIC), period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid = the current period in fullwidth digits (int() reads it)",
+        lambda n: period_token(str(period(n)).translate(FULLWIDTH), period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        'kid "\\u00b2" (SUPERSCRIPT TWO: isdigit() but not ASCII)',
+        lambda n: period_token("\u00b2", 2, n),
+        jwtplus.KeyIdError,
+    ),
+    ('kid "007"', lambda n: period_token("007", 7, n), jwtplus.KeyIdError),
+    (
+        "kid = the current period with a leading zero",
+        lambda n: period_token("0" + str(period(n)), period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid = the current period with a leading space (int() strips it)",
+        lambda n: period_token(" " + str(period(n)), period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid = the current period with a trailing newline",
+        lambda n: period_token(str(period(n)) + "\n", period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid = the current period with a plus sign",
+        lambda n: period_token("+" + str(period(n)), period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid = the current period with an underscore (int() reads 1_2)",
+        lambda n: period_token(str(period(n))[:2] + "_" + str(period(n))[2:], period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid = the current period as a float",
+        lambda n: period_token(f"{period(n)}.0", period(n), n),
+        jwtplus.KeyIdError,
+    ),
+    ('kid "-1"', lambda n: period_token("-1", -1, n), jwtplus.KeyIdError),
+    ("kid of 40 digits", lambda n: period_token("1" * 40, period(n), n), jwtplus.KeyIdError),
+    ("kid of 16 digits", lambda n: period_token("1" * 16, period(n), n), jwtplus.KeyIdError),
+    (
+        "kid 2 periods in the future, signed with that period's real key",
+        lambda n: period_token(str(period(n) + 2), period(n) + 2, n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid 1000 periods in the future, signed with that period's real key",
+        lambda n: period_token(str(period(n) + 1000), period(n) + 1000, n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "kid 3 periods back (window closed), real key, exp still in the future",
+        lambda n: period_token(str(period(n) - 3), period(n) - 3, n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        'kid "0" (window long closed), real key, exp in the future',
+        lambda n: period_token("0", 0, n),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "signed with the current period's key, kid naming the previous period",
+        lambda n: period_token(str(period(n) - 1), period(n), n),
+        jwt.InvalidSignatureError,
+    ),
+    (
+        "signed with the current period's key, kid naming the next period",
+        lambda n: period_token(str(period(n) + 1), period(n), n),
+        jwt.InvalidTokenError,
+    ),
+    (
+        "signed with the bare secret, no kid (a token from before rotation)",
+        lambda n: forge(hdr(), claims(n)),
+        jwtplus.KeyIdError,
+    ),
+    (
+        "signed with the bare secret, kid naming the current period",
+        lambda n: forge(hdr(kid=str(period(n))), claims(n)),
+        jwt.InvalidSignatureError,
+    ),
+    (
+        "current period, alg HS512 with that period's key",
+        lambda n: forge(
+            hdr(alg="HS512", kid=str(period(n))),
+            claims(n),
+            key=jwtplus.key_for_period(ROTATING, period(n)),
+            digest=hashlib.sha512,
+        ),
+        jwt.InvalidAlgorithmError,
+    ),
+    (
+        "current period, real key, exp a string",
+        lambda n: period_token(str(period(n)), period(n), n, exp="9999999999"),
+        jwt.DecodeError,
+    ),
+]
+
+ALL_BAD = [("plain", *row) for row in PLAIN_BAD] + [("rotating", *row) for row in ROTATING_BAD]
+BAD_IDS = [f"{kind}: {name}" for kind, name, _, _ in ALL_BAD]
+
+
+def manager_for(kind: str) -> jwtplus.SecretManager:
+    return MANAGER if kind == "plain" else ROTATING
+
+
+def test_forged_controls_are_accepted() -> None:
+    """The forging helpers make tokens jwtplus accepts, so each bad token fails for its one flaw."""
+    assert jwtplus.decode_token(MANAGER, good(H_NOW), now=H_NOW)["username"] == "mallory"
+    assert jwtplus.decode_token(ROTATING, period_token(str(period(H_NOW)), period(H_NOW), H_NOW), now=H_NOW)
+    previous = period_token(str(period(H_NOW) - 1), period(H_NOW) - 1, H_NOW)
+    assert jwtplus.decode_token(ROTATING, previous, now=H_NOW)["username"] == "mallory"
+    assert jwtplus.decode_token(MANAGER, sized(jwtplus.MAX_TOKEN_LENGTH, H_NOW), now=H_NOW)
+    assert jwtplus.decode_token(MANAGER, good(H_NOW).encode("ascii"), now=H_NOW)
+    assert jwtplus.decode_token(MANAGER, forge(hdr(), claims(H_NOW, exp=H_NOW + 0.5)), now=H_NOW)
+
+
+@pytest.mark.parametrize(("kind", "build", "expected"), [row[0:1] + row[2:] for row in ALL_BAD], ids=BAD_IDS)
+def test_decode_token_refuses(kind: str, build: Builder, expected: type[Exception]) -> None:
+    assert issubclass(expected, jwt.InvalidTokenError)
+    manager = manager_for(kind)
+    bad = build(H_NOW)
+    with pytest.raises(expected):
+        jwtplus.decode_token(manager, bad, now=H_NOW)
+    with pytest.raises(jwt.InvalidTokenError):
+        manager.decode(bad.encode("utf-8"), now=H_NOW)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(
+            lambda n: jwt.encode(claims(n, exp="9999999999"), H_SECRET, algorithm="HS256"), id="exp str"
+        ),
+        pytest.param(lambda n: jwt.encode(claims(n, exp=1e308), H_SECRET, algorithm="HS256"), id="exp 1e308"),
+        pytest.param(lambda n: forge(hdr(), claims(n, exp=True)), id="exp true"),
+        pytest.param(lambda n: forge(hdr(), claims(n, exp=float("nan"))), id="exp NaN"),
+        pytest.param(lambda n: forge(hdr(), claims(n, exp=float("inf"))), id="exp Infinity"),
+        pytest.param(lambda n: forge(hdr(), b"[]"), id="payload array"),
+    ],
+)
+def test_claim_checks_alone_reject_validly_signed_tokens(build: Builder) -> None:
+    """These tokens carry a good signature: only jwtplus's own claim checks stand in their way."""
+    bad = build(H_NOW)
+    assert jwt.PyJWS().decode(bad, H_SECRET, algorithms=["HS256"])  # the signature verifies
+    with pytest.raises(jwt.InvalidTokenError):
+        jwtplus.decode_token(MANAGER, bad, now=H_NOW)
+
+
+# -- Part A over HTTP --
+
+
+class Reply(NamedTuple):
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+async def raw_request(
+    client: TestClient[Any, Any],
+    target: str,
+    *,
+    method: str = "GET",
+    headers: Sequence[tuple[str, str]] = (),
+    raw_headers: bytes = b"",
+) -> Reply:
+    """Send one HTTP/1.1 request byte for byte (nothing normalises the target or the headers)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        lines = [f"{method} {target} HTTP/1.1", "Host: test", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        request = "\r\n".join(lines).encode("utf-8") + b"\r\n" + raw_headers + b"\r\n"
+        writer.write(request)
+        await writer.drain()
+        data = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed: CIMultiDict[str] = CIMultiDict()
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed.add(name.strip(), value.strip())
+    return Reply(int(status_line.split()[1]), parsed, body)
+
+
+def marker(name: str) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        request.app[HITS].append((name, request.rel_url.path_safe))
+        return web.Response(text=f"HANDLER {name}")
+
+    return handler
+
+
+def hits(client: TestClient[Any, Any]) -> list[str]:
+    return [name for name, _ in client.server.app[HITS]]
+
+
+def token_app(manager: jwtplus.SecretManager = MANAGER, **helper_kwargs: Any) -> web.Application:
+    """API mode: /public/.* whitelisted, /api/.* protected, /page neither. Headers up to 128 KiB reach it."""
+    options: dict[str, Any] = {"whitelist": ("/public/.*",), "protected_apis": ("/api/.*",)}
+    options.update(helper_kwargs)
+    helper = jwtplus.JWTHelper(secret_manager=manager, **options)
+    app = web.Application(
+        middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()],
+        handler_args={"max_field_size": 1 << 17},
+    )
+    app[HITS] = []
+    app.router.add_route("*", "/api/{name}", marker("api"))
+    app.router.add_route("*", "/public/{name}", marker("public"))
+    app.router.add_route("*", "/page", marker("page"))
+    return app
+
+
+def assert_refused(reply: Reply, challenge: str = CHALLENGE_INVALID) -> None:
+    assert reply.status == 401, reply
+    assert reply.body == BODY_401, reply
+    assert reply.headers.getall("WWW-Authenticate") == [challenge], reply
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert {name.lower() for name in reply.headers} <= CHALLENGE_HEADERS, reply.headers
+
+
+def bearer_pairs(value: str) -> list[tuple[str, str]]:
+    return [("Authorization", f"Bearer {value}")]
+
+
+@pytest.mark.parametrize(("kind", "build"), [row[0:1] + row[2:3] for row in ALL_BAD], ids=BAD_IDS)
+async def test_bad_token_gets_401_and_the_handler_never_runs(
+    aiohttp_client: Any, kind: str, build: Builder
+) -> None:
+    manager = manager_for(kind)
+    client = await aiohttp_client(token_app(manager))
+    bad = build(time.time())
+    # "Bearer " + "" reaches the server as "Bearer" (aiohttp strips the value), and "Bearer a b" is not
+    # one token: in both, no token was presented.
+    challenge = CHALLENGE_INVALID if bad and len(bad.split()) == 1 else CHALLENGE_MISSING
+    for method, target in (("GET", "/api/x"), ("POST", "/api/x"), ("GET", "/page"), ("DELETE", "/page")):
+        assert_refused(await raw_request(client, target, method=method, headers=bearer_pairs(bad)), challenge)
+    assert hits(client) == []
+    # The same request with a good token reaches the handler: the refusal was the token's doing.
+    ok = await raw_request(client, "/api/x", headers=bearer_pairs(manager.encode({"username": "ann"})))
+    assert (ok.status, ok.body, hits(client)) == (200, b"HANDLER api", ["api"])
+
+
+async def test_every_401_cause_gives_the_same_body_and_headers(aiohttp_client: Any) -> None:
+    """Bodies must not tell which check failed: one body and one challenge for every presented token."""
+    clients = {kind: await aiohttp_client(token_app(manager_for(kind))) for kind in ("plain", "rotating")}
+    now = time.time()
+    causes = [(kind, build(now)) for kind, _, build, _ in ALL_BAD]
+    causes += [("plain", MANAGER.encode({"username": "ann"}, now=now - 40 * 86400)), ("plain", "junk")]
+    seen = set()
+    for kind, value in causes:
+        if not value or len(value.split()) != 1:
+            continue  # not one token once in a header: see the test above
+        reply = await raw_request(clients[kind], "/api/x", headers=bearer_pairs(value))
+        assert reply.status == 401, (kind, value[:80])
+        seen.add((reply.body, reply.headers["WWW-Authenticate"], reply.headers["Content-Type"]))
+    assert seen == {(BODY_401, CHALLENGE_INVALID, "application/json")}
+    assert hits(clients["plain"]) == hits(clients["rotating"]) == []
+
+
+async def test_token_over_8kib_refused_even_when_the_server_takes_big_headers(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(token_app(MANAGER))
+    now = time.time()
+    fits = sized(jwtplus.MAX_TOKEN_LENGTH, now)
+    assert (await raw_request(client, "/api/x", headers=bearer_pairs(fits))).status == 200
+    for length in (jwtplus.MAX_TOKEN_LENGTH + 1, 20_000, 100_000):
+        assert_refused(await raw_request(client, "/api/x", headers=bearer_pairs(sized(length, now))))
+    assert hits(client) == ["api"]
+
+
+async def test_header_over_aiohttp_limit_is_aiohttp_400_not_500(aiohttp_client: Any) -> None:
+    """With aiohttp's default 8190-byte field limit, a 9000-byte Authorization never reaches jwtplus."""
+    helper = jwtplus.JWTHelper(secret_manager=MANAGER, protected_apis=("/api/.*",))
+    app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+    app[HITS] = []
+    app.router.add_get("/api/{name}", marker("api"))
+    client = await aiohttp_client(app)
+    reply = await raw_request(client, "/api/x", headers=bearer_pairs("a" * 9000))
+    assert reply.status == 400
+    assert b"Traceback" not in reply.body
+    assert hits(client) == []
+    # Just under the limit: jwtplus sees it and refuses it as a token.
+    assert_refused(await raw_request(client, "/api/x", headers=bearer_pairs("a" * 8000)))
+
+
+# -- Authorization header spellings --
+
+
+def _header_cases() -> list[Any]:
+    """(id, headers(token) -> raw header bytes, expected): expected is 200 (read), or the 401 challenge."""
+
+    def one(value: str) -> Callable[[str], bytes]:
+        return lambda t: b"Authorization: " + value.replace("{t}", t).encode("utf-8") + b"\r\n"
+
+    def many(*values: str) -> Callable[[str], bytes]:
+        return lambda t: b"".join(one(v)(t) for v in values)
+
+    rows: list[tuple[str, Callable[[str], bytes], int | str]] = [
+        ("Bearer <token>", one("Bearer {t}"), 200),
+        ("bearer <token> (scheme is case-insensitive)", one("bearer {t}"), 200),
+        ("BEARER <token>", one("BEARER {t}"), 200),
+        ("bEaReR <token>", one("bEaReR {t}"), 200),
+        ("header name in lower case", lambda t: b"authorization: Bearer " + t.encode() + b"\r\n", 200),
+        ("two spaces after the scheme (1*SP)", one("Bearer  {t}"), 200),
+        ("OWS around the field value", lambda t: b"Authorization: \t Bearer " + t.encode() + b" \t\r\n", 200),
+        ("no Authorization header", lambda t: b"", CHALLENGE_MISSING),
+        ('"Bearer"', one("Bearer"), CHALLENGE_MISSING),
+        ('"Bearer " (trailing space)', one("Bearer "), CHALLENGE_MISSING),
+        ('"Bearer a b"', one("Bearer a b"), CHALLENGE_MISSING),
+        ("Bearer <token> <token>", one("Bearer {t} {t}"), CHALLENGE_MISSING),
+        ("Bearer <token> x", one("Bearer {t} x"), CHALLENGE_MISSING),
+        ("Bearer Bearer <token>", one("Bearer Bearer {t}"), CHALLENGE_MISSING),
+        ('"Basic xyz"', one("Basic xyz"), CHALLENGE_MISSING),
+        ("Basic <token>", one("Basic {t}"), CHALLENGE_MISSING),
+        ("Token <token>", one("Token {t}"), CHALLENGE_MISSING),
+        ("<token> alone, no scheme", one("{t}"), CHALLENGE_MISSING),
+        ("Bearer<token>, no space", one("Bearer{t}"), CHALLENGE_MISSING),
+        ("two Authorization headers, both good", many("Bearer {t}", "Bearer {t}"), CHALLENGE_MISSING),
+        ("two Authorization headers, good and junk", many("Bearer {t}", "Bearer junk"), CHALLENGE_MISSING),
+        ("two credentials joined by a comma", one("Bearer {t}, Bearer {t}"), CHALLENGE_MISSING),
+        (
+            "token in X-Authorization",
+            lambda t: b"X-Authorization: Bearer " + t.encode() + b"\r\n",
+            CHALLENGE_MISSING,
+        ),
+        ("token in a cookie", lambda t: b"Cookie: token=" + t.encode() + b"\r\n", CHALLENGE_MISSING),
+        ("Bearer,<token>", one("Bearer,{t}"), CHALLENGE_MISSING),
+        ("Bearer <token>, (trailing comma)", one("Bearer {t},"), CHALLENGE_INVALID),
+        ("Bearer <token minus its last char>", lambda t: one("Bearer {t}")(t[:-1]), CHALLENGE_INVALID),
+        ('Bearer "<token>" (quoted)', one('Bearer "{t}"'), CHALLENGE_INVALID),
+        ("Bearer <non-ASCII + token>", one("Bearer \u00e9{t}"), CHALLENGE_INVALID),
+        ("Bearer <8000 junk chars> (very long header)", one("Bearer " + "a" * 8000), CHALLENGE_INVALID),
+        # RFC 6750 / 7235: credentials = scheme 1*SP token. Tabs and Unicode spaces are not SP.
+        ("Bearer<TAB><token>", one("Bearer\t{t}"), CHALLENGE_MISSING),
+        ("Bearer<NBSP U+00A0><token>", one("Bearer\u00a0{t}"), CHALLENGE_MISSING),
+        ("Bearer<EM SPACE U+2003><token>", one("Bearer\u2003{t}"), CHALLENGE_MISSING),
+        ("Bearer<IDEOGRAPHIC SPACE U+3000><token>", one("Bearer\u3000{t}"), CHALLENGE_MISSING),
+    ]
+    return [pytest.param(build, expected, id=name) for name, build, expected in rows]
+
+
+@pytest.mark.parametrize(("build", "expected"), _header_cases())
+async def test_authorization_header_spellings(aiohttp_client: Any, build: Any, expected: int | str) -> None:
+    client = await aiohttp_client(token_app(MANAGER))
+    good_token = MANAGER.encode({"username": "ann"})
+    for method in ("GET", "POST"):
+        reply = await raw_request(client, "/api/x", method=method, raw_headers=build(good_token))
+        if expected == 200:
+            assert (reply.status, reply.body) == (200, b"HANDLER api"), reply
+        else:
+            assert isinstance(expected, str)
+            assert_refused(reply, expected)
+    assert hits(client) == (["api", "api"] if expected == 200 else [])
+
+
+@pytest.mark.parametrize(
+    "raw_header",
+    [
+        pytest.param(b"Authorization: Bearer\x1c{t}\r\n", id="0x1C (a str.split() separator)"),
+        pytest.param(b"Authorization: Bearer\x0b{t}\r\n", id="vertical tab"),
+        pytest.param(b"Authorization: Bearer {t}\x00\r\n", id="NUL"),
+        pytest.param(b"Authorization: Bearer\r\n {t}\r\n", id="obs-fold"),
+        pytest.param(b"Authorization : Bearer {t}\r\n", id="space before the colon"),
+    ],
+)
+async def test_authorization_header_rejected_by_aiohttp_parser(
+    aiohttp_client: Any, raw_header: bytes
+) -> None:
+    """Control characters and folding never reach jwtplus: aiohttp's parser answers 400, no handler runs."""
+    client = await aiohttp_client(token_app(MANAGER))
+    value = raw_header.replace(b"{t}", MANAGER.encode({"username": "ann"}).encode())
+    reply = await raw_request(client, "/api/x", raw_headers=value)
+    assert reply.status == 400
+    assert b"Traceback" not in reply.body
+    assert hits(client) == []
+
+
+async def test_challenges(aiohttp_client: Any) -> None:
+    """401 `Bearer` without a token, `Bearer error="invalid_token"` with one; 403 `insufficient_scope`."""
+    client = await aiohttp_client(token_app(MANAGER))
+    assert_refused(await raw_request(client, "/api/x"), CHALLENGE_MISSING)
+    assert_refused(await raw_request(client, "/api/x", headers=bearer_pairs("junk")), CHALLENGE_INVALID)
+    expired = MANAGER.encode({"username": "ann"}, now=time.time() - 31 * 86400)
+    assert_refused(await raw_request(client, "/api/x", headers=bearer_pairs(expired)), CHALLENGE_INVALID)
+    for method in ("GET", "POST"):
+        nobody = MANAGER.encode({"role": "admin"})  # valid, but basic_identifier wants a username
+        reply = await raw_request(client, "/api/x", method=method, headers=bearer_pairs(nobody))
+        assert (reply.status, reply.body) == (403, BODY_403)
+        assert reply.headers.getall("WWW-Authenticate") == [CHALLENGE_FORBIDDEN]
+        assert {name.lower() for name in reply.headers} <= CHALLENGE_HEADERS
+    assert hits(client) == []
+
+
+async def test_raising_identifier_and_getter_never_leak(aiohttp_client: Any) -> None:
+    def identifier(payload: dict[str, Any]) -> Any:
+        raise RuntimeError("identifier exploded near the database password")
+
+    async def getter(request: web.Request) -> str | None:
+        if request.headers.get("X-Explode"):
+            raise RuntimeError("getter exploded")
+        return jwtplus.basic_token_getter(request)  # type: ignore[return-value]
+
+    rejecting = await aiohttp_client(token_app(MANAGER, identifier=identifier))
+    reply = await raw_request(rejecting, "/api/x", headers=bearer_pairs(MANAGER.encode({"username": "ann"})))
+    assert (reply.status, reply.body) == (403, BODY_403)
+    exploding = await aiohttp_client(token_app(MANAGER, token_getter=getter))
+    assert_refused(await raw_request(exploding, "/api/x", headers=[("X-Explode", "1")]), CHALLENGE_INVALID)
+    assert hits(rejecting) == hits(exploding) == []
+
+
+async def test_tokens_and_keys_are_never_logged(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await aiohttp_client(token_app(ROTATING))
+    now = time.time()
+    sent = [build(now) for kind, _, build, _ in ALL_BAD if kind == "rotating"]
+    sent.append(ROTATING.encode({"username": "ann"}))
+    sent.append(ROTATING.encode({"role": "no username"}))
+    for value in sent:
+        await raw_request(client, "/api/x", headers=bearer_pairs(value))
+    text = caplog.text
+    secrets_ = [H_SECRET.decode("ascii"), jwtplus.key_for_period(ROTATING, period(now)).hex()]
+    for value in sent + secrets_:
+        for piece in {value, *value.split(".")} - {""}:
+            if len(piece) >= 16:
+                assert piece not in text
+
+
+# -- Part A, hypothesis --
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**20), max_value=10**20)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+TIMES = (
+    st.integers(min_value=-(10**13), max_value=10**13)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(min_value=H_NOW - 2 * HOUR, max_value=H_NOW + 2 * HOUR)
+    | st.sampled_from(["9999999999", "1e308", True, False, None, [], {}])
+    | JSON_VALUES
+)
+SANE_PAST = st.integers(min_value=0, max_value=H_NOW) | st.floats(min_value=0, max_value=H_NOW)
+SANE_FUTURE = st.integers(min_value=H_NOW + 1, max_value=253402300799) | st.floats(
+    min_value=H_NOW + 0.001, max_value=253402300799
+)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=st.text(max_size=300) | st.from_regex(r"[A-Za-z0-9_=+/.-]{0,400}", fullmatch=True))
+def test_decode_token_on_junk_raises_only_invalid_token_error(junk: str) -> None:
+    for manager in (MANAGER, ROTATING):
+        with pytest.raises(jwt.InvalidTokenError):
+            manager.decode(junk, now=H_NOW)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    header_extra=st.dictionaries(st.sampled_from(["kid", "typ", "cty", "jku"]), JSON_VALUES)
+    | st.dictionaries(st.sampled_from(["alg", "kid", "crit", "b64"]), JSON_VALUES),
+    times=st.fixed_dictionaries(
+        {"exp": SANE_FUTURE | TIMES},
+        optional={"iat": SANE_PAST | TIMES, "nbf": SANE_PAST | TIMES},
+    ),
+    other=st.dictionaries(st.sampled_from(["username", "sub", "aud", "iss", "jti"]), JSON_VALUES, max_size=3),
+)
+def test_decode_token_on_signed_random_claims(header_extra: Any, times: Any, other: Any) -> None:
+    """A token with the right signature and random header/claims: accepted only if every claim is sane."""
+    header = {"alg": "HS256", **header_extra}
+    payload = {**other, **times}
+    try:
+        result = jwtplus.decode_token(MANAGER, forge(header, payload), now=H_NOW)
+    except jwt.InvalidTokenError:
+        event("refused")
+        return
+    event("accepted")
+    assert header["alg"] == "HS256"
+    assert is_number(result["exp"])
+    assert H_NOW < result["exp"] <= 253402300799
+    for name in ("iat", "nbf"):
+        if name in result:
+            assert is_number(result[name])
+            assert 0 <= result[name] <= H_NOW
+    assert "aud" not in result or not result["aud"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kid=st.text(max_size=20)
+    | st.integers(min_value=-5, max_value=10**16).map(str)
+    | st.integers(min_value=period(H_NOW) - 5, max_value=period(H_NOW) + 5).map(str)
+    | st.sampled_from([str(period(H_NOW) - k) for k in range(3)])
+    | JSON_VALUES,
+    key_period=st.integers(min_value=period(H_NOW) - 5, max_value=period(H_NOW) + 5),
+)
+def test_rotating_decode_token_on_random_kids(kid: Any, key_period: int) -> None:
+    """Only the canonical decimal of a period still in its window, signed with that period's key, passes."""
+    try:
+        jwtplus.decode_token(ROTATING, period_token(kid, key_period, H_NOW), now=H_NOW)
+    except jwt.InvalidTokenError:
+        event("refused")
+        return
+    event("accepted")
+    assert kid == str(key_period)
+    assert key_period in (period(H_NOW), period(H_NOW) - 1, period(H_NOW) - 2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    junk=st.text(
+        st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zl", "Zp", "Zs")),
+        min_size=1,
+        max_size=300,
+    )
+    | st.from_regex(r"[A-Za-z0-9_=.-]{1,400}", fullmatch=True)
+)
+async def test_random_junk_tokens_over_http_get_401(aiohttp_client: Any, junk: str) -> None:
+    client = await aiohttp_client(token_app(MANAGER))
+    assert_refused(await raw_request(client, "/api/x", headers=bearer_pairs(junk)))
+    assert_refused(await raw_request(client, "/page", method="PUT", headers=bearer_pairs(junk)))
+    assert hits(client) == []
+
+
+# -- Part B: path spellings --
+
+WHITELIST = ("/public/.*", "/css/.+", "/static/.*")
+PROTECTED = ("/api/.*",)
+WHITELISTED_HANDLERS = {"public", "css", "static"}
+
+
+def path_app(*, spa: bool = False, whitelist: Iterable[str] = WHITELIST) -> web.Application:
+    """Routes under every whitelisted prefix, private ones beside them, and a catch-all behind all."""
+    pages: dict[str, Any] = {}
+    if spa:
+        pages = {
+            "unauthorized_return_route": "/login.html",
+            "unauthorized_return_route_handler": marker("login page"),
+            "authorized_return_page_handler": marker("app page"),
+        }
+    helper = jwtplus.JWTHelper(
+        secret_manager=MANAGER, whitelist=tuple(whitelist), protected_apis=PROTECTED, **pages
+    )
+    app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+    app[HITS] = []
+    for route, name in (
+        ("/public/{tail:.*}", "public"),
+        ("/css/{name:.*}", "css"),
+        ("/static/{tail:.*}", "static"),
+        ("/api/{name}", "api"),
+        ("/{user}/settings", "settings"),
+        ("/admin", "admin"),
+        ("/{tail:.*}", "catchall"),
+    ):
+        app.router.add_route("*", route, marker(name))
+    return app
+
+
+def router_path(target: str) -> str:
+    """What aiohttp's router matches for a request target: ``rel_url.path_safe``."""
+    path = target.partition("#")[0].partition("?")[0]
+    if "://" in path:
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return yarl.URL.build(path=path, encoded=True).path_safe
+
+
+# (request target, handler a logged-in request reaches ("" for aiohttp's 404),
+#  handler an anonymous request may reach, or None for a 401)
+SPELLINGS: list[tuple[str, str, str | None]] = [
+    # Controls: the whitelist works.
+    ("/public/x", "public", "public"),
+    ("/public/x/y.js", "public", "public"),
+    ("/css/1.css", "css", "css"),
+    ("/static/app.js", "static", "static"),
+    ("/static/x/../y.js", "static", "static"),
+    ("/static/../static/y.js", "static", "static"),
+    ("/public/?x=1", "public", "public"),
+    # Encoded slashes: request.path reads /public/x/settings, the router serves /{user}/settings.
+    ("/public%2Fx/settings", "settings", None),
+    ("/public%2fx/settings", "settings", None),
+    ("/public%252Fx/settings", "settings", None),
+    ("/public%25%32%46x/settings", "settings", None),
+    ("/public%5C..%5Cadmin/settings", "settings", None),
+    ("/api%2Fx", "catchall", None),
+    ("/public%252F..%252Fadmin", "catchall", None),
+    # Dot segments, plain and encoded.
+    ("/public/../admin", "public", None),
+    ("/public/%2e%2e/admin", "public", None),
+    ("/public/%2E%2E/admin", "public", None),
+    ("/public/.%2e/admin", "public", None),
+    ("/public/./../admin", "public", None),
+    ("/public/x/../../admin", "public", None),
+    ("/public/x/..%2F..%2Fadmin", "public", None),
+    ("/public/..%2Fadmin", "public", None),
+    ("/public/..", "public", None),
+    ("/static/../admin", "static", None),
+    ("/static/%2e%2e/admin", "static", None),
+    ("/static/..%2Fadmin", "static", None),
+    ("/static/..%2F..%2Fetc%2Fpasswd", "static", None),
+    ("/api/x/../../public/x", "catchall", None),
+    ("/./admin", "catchall", None),
+    # Doubled and trailing slashes, case.
+    ("//admin", "catchall", None),
+    ("///admin", "catchall", None),
+    ("//public/x", "catchall", None),
+    ("/admin/", "catchall", None),
+    ("/admin", "admin", None),
+    ("/%61dmin", "admin", None),
+    ("/PUBLIC/x", "catchall", None),
+    ("/public", "catchall", None),
+    # /css/.+ must not cover /css/ however it is spelled.
+    ("/css/", "css", None),
+    ("/css//", "css", None),
+    ("/css/.", "css", None),
+    ("/css/%2e", "css", None),
+    ("/css/x/..", "css", None),
+    # Newlines.
+    ("/api/public%0a", "api", None),
+    ("/api/public%0A", "api", None),
+    ("/public/%0a", "", None),  # no route: aiohttp's {tail:.*} does not match a newline either
+    # Query strings and fragments are not the path.
+    ("/admin?x=/public/", "admin", None),
+    ("/admin?/public/x", "admin", None),
+    ("/admin#/public/x", "admin", None),
+    ("/admin?%2F/public/", "admin", None),
+    # Absolute form.
+    ("http://evil/admin", "admin", None),
+    ("http://evil/public/x", "public", "public"),
+]
+SPELLING_IDS = [target for target, _, _ in SPELLINGS]
+
+
+def api_rules(whitelist: Iterable[str] = WHITELIST) -> jwtplus.RoutingRules:
+    return jwtplus.RoutingRules(whitelist=tuple(whitelist), protected_apis=PROTECTED)
+
+
+@pytest.mark.parametrize(("target", "authed", "anonymous"), SPELLINGS, ids=SPELLING_IDS)
+async def test_path_spelling_over_http(
+    aiohttp_client: Any, target: str, authed: str, anonymous: str | None
+) -> None:
+    client = await aiohttp_client(path_app())
+    for method in ("GET", "POST"):
+        reply = await raw_request(client, target, method=method)
+        if anonymous is None:
+            assert_refused(reply, CHALLENGE_MISSING)
+        else:
+            assert (reply.status, reply.body) == (200, f"HANDLER {anonymous}".encode()), reply
+    assert hits(client) == ([] if anonymous is None else [anonymous, anonymous])
+    client.server.app[HITS].clear()
+    # Logged in, the same spelling does reach a handler: this one (so the test above means something),
+    # with the path the pure-function tests below feed to decide().
+    token = MANAGER.encode({"username": "ann"})
+    reply = await raw_request(client, target, headers=bearer_pairs(token))
+    if not authed:
+        assert reply.status == 404, reply
+        assert client.server.app[HITS] == []
+        return
+    assert (reply.status, reply.body) == (200, f"HANDLER {authed}".encode()), reply
+    assert client.server.app[HITS] == [(authed, router_path(target))]
+
+
+@pytest.mark.parametrize(("target", "authed", "anonymous"), SPELLINGS, ids=SPELLING_IDS)
+def test_path_spelling_decide(target: str, authed: str, anonymous: str | None) -> None:
+    path = router_path(target)
+    rules = api_rules()
+    expected = jwtplus.Action.HANDLER if anonymous else jwtplus.Action.UNAUTHORIZED
+    for method in ("GET", "HEAD", "POST", "DELETE"):
+        assert jwtplus.decide(rules, path, method, True, "missing") is expected
+        assert jwtplus.decide(rules, path, method, True, "invalid") is expected
+        assert jwtplus.decide(rules, path, method, True, "pass") is jwtplus.Action.HANDLER
+    expected_rejected = jwtplus.Action.HANDLER if anonymous else jwtplus.Action.FORBIDDEN
+    assert jwtplus.decide(rules, path, "GET", True, "rejected") is expected_rejected
+
+
+async def test_encoded_slash_through_the_test_client(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(path_app())
+    async with client.get(yarl.URL("/public%2Fx/settings", encoded=True)) as resp:
+        assert resp.status == 401
+        assert await resp.read() == BODY_401
+    async with client.post(yarl.URL("/public%2Fx/settings", encoded=True)) as resp:
+        assert resp.status == 401
+    assert hits(client) == []
+
+
+async def test_whitelist_dollar_does_not_admit_a_newline(aiohttp_client: Any) -> None:
+    """re.match('/api/public$') would admit '/api/public\\n'; the whole-string match must not."""
+    client = await aiohttp_client(path_app(whitelist=("/api/public$", "/api/open")))
+    for target in ("/api/public%0a", "/api/public%0A", "/api/open%0a", "/api/open%0d%0a"):
+        assert_refused(await raw_request(client, target), CHALLENGE_MISSING)
+        assert_refused(await raw_request(client, target, method="POST"), CHALLENGE_MISSING)
+    assert hits(client) == []
+    reply = await raw_request(client, "/api/open")
+    assert (reply.status, reply.body, hits(client)) == (200, b"HANDLER api", ["api"])
+
+
+async def test_head_of_private_path_is_refused(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(path_app())
+    for target in ("/admin", "/public%2Fx/settings", "/public/../admin"):
+        reply = await raw_request(client, target, method="HEAD")
+        assert reply.status == 401
+        assert reply.headers["WWW-Authenticate"] == CHALLENGE_MISSING
+    assert hits(client) == []
+
+
+# SPA mode: an anonymous GET gets the login page, never the real handler; protected spellings get 401.
+SPA_SPELLINGS: list[tuple[str, str]] = [
+    ("/public%2Fx/settings", "login page"),
+    ("/public/../admin", "login page"),
+    ("/static/../admin", "login page"),
+    ("//admin", "login page"),
+    ("/admin/", "login page"),
+    ("/css/", "login page"),
+    ("/API/x", "login page"),
+    ("/api/x", "401"),
+    ("/api/public%0a", "401"),
+    ("/api%2Fx", "401"),
+    ("/api%2fx", "401"),
+    ("/x/../api/x", "401"),
+    ("/x/%2e%2e/api/x", "401"),
+    ("//api/x", "401"),
+    ("/api//x", "401"),
+    ("/api/x?next=/public/", "401"),
+    ("/public/../api/x", "401"),
+]
+
+
+@pytest.mark.parametrize(("target", "anonymous"), SPA_SPELLINGS, ids=[t for t, _ in SPA_SPELLINGS])
+async def test_path_spelling_spa_mode(aiohttp_client: Any, target: str, anonymous: str) -> None:
+    client = await aiohttp_client(path_app(spa=True))
+    reply = await raw_request(client, target)
+    if anonymous == "401":
+        assert_refused(reply, CHALLENGE_MISSING)
+        assert hits(client) == []
+    else:
+        assert (reply.status, reply.body) == (200, f"HANDLER {anonymous}".encode())
+        assert hits(client) == [anonymous]
+    client.server.app[HITS].clear()
+    assert_refused(await raw_request(client, target, method="POST"), CHALLENGE_MISSING)
+    assert hits(client) == []
+    rules = jwtplus.RoutingRules(
+        login_route="/login.html",
+        whitelist=WHITELIST,
+        protected_apis=PROTECTED,
+        login_page=True,
+        app_page=True,
+    )
+    action = jwtplus.decide(rules, router_path(target), "GET", True, "missing")
+    assert action is (jwtplus.Action.UNAUTHORIZED if anonymous == "401" else jwtplus.Action.LOGIN_PAGE)
+
+
+# -- Part B, pure functions --
+
+
+def remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4, written independently of jwtplus."""
+    out: list[str] = []
+    for segment in path.split("/")[1:]:
+        if segment == "..":
+            if len(out) > 0:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    trailing = path.rsplit("/", 1)[-1] in (".", "..")
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
+
+
+def merge_slashes(path: str) -> str:
+    return re.sub("/{2,}", "/", path)
+
+
+def oracle_readings(path_safe: str) -> set[str]:
+    """The path as the router saw it, fully decoded, and as a proxy that merges slashes and resolves dots."""
+    decoded = urllib.parse.unquote(path_safe)  # path_safe keeps only %2F and %25 encoded
+    return {
+        path_safe,
+        decoded,
+        remove_dot_segments(merge_slashes(path_safe)),
+        remove_dot_segments(merge_slashes(decoded)),
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "must_include"),
+    [
+        ("/public%2Fx/settings", {"/public%2Fx/settings", "/public/x/settings"}),
+        ("/public/../admin", {"/public/../admin", "/admin"}),
+        ("/public/x/..%2F..%2Fadmin", {"/public/x/..%2F..%2Fadmin", "/public/x/../../admin", "/admin"}),
+        ("//admin", {"//admin", "/admin"}),
+        ("/static/../admin", {"/static/../admin", "/admin"}),
+        ("/public%252Fx/settings", {"/public%252Fx/settings", "/public%2Fx/settings"}),
+        ("/css/x/..", {"/css/x/..", "/css/"}),
+        ("/css/.", {"/css/.", "/css/"}),
+        ("/css//", {"/css//", "/css/"}),
+        ("/api%2Fx", {"/api%2Fx", "/api/x"}),
+        ("/x/../api/x", {"/x/../api/x", "/api/x"}),
+    ],
+)
+def test_path_readings(path: str, must_include: set[str]) -> None:
+    readings = jwtplus.path_readings(path)
+    assert readings[0] == path
+    assert must_include <= set(readings)
+    assert len(readings) == len(set(readings))
+
+
+def test_path_readings_of_plain_path_is_itself() -> None:
+    for path in ("/", "/admin", "/public/x", "/css/1.css", "/api/public\n", "/a;b", "/a\\..\\b"):
+        assert jwtplus.path_readings(path) == (path,)
+
+
+PATH_SEGMENTS = [
+    "public", "admin", "api", "css", "static", "settings", "x", "1.css",
+    "", ".", "..", "%2e", "%2e%2e", ".%2E", "%2F", "%2f", "..%2F", "x%2F..", "%25", "%252F", "%252e%252e",
+    "%0a", "%5C", "..;", "%3F",
+]  # fmt: skip
+RAW_PATHS = st.builds(
+    lambda segments, query: "/" + "/".join(segments) + query,
+    st.lists(st.sampled_from(PATH_SEGMENTS), min_size=1, max_size=6),
+    st.sampled_from(["", "?x=/public/", "?/public/x"]),
+)
+STATUSES = ["pass", "missing", "invalid", "expired", "rejected"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    path=st.text(max_size=60) | RAW_PATHS.map(router_path),
+    method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "get"]) | st.text(max_size=8),
+    route_found=st.booleans(),
+    status=st.sampled_from(STATUSES),
+    spa=st.booleans(),
+)
+def test_decide_never_raises(path: str, method: str, route_found: bool, status: Any, spa: bool) -> None:
+    rules = jwtplus.RoutingRules(
+        login_route="/login.html" if spa else "",
+        whitelist=WHITELIST,
+        protected_apis=PROTECTED,
+        login_page=spa,
+        app_page=spa,
+    )
+    action = jwtplus.decide(rules, path, method, route_found, status)
+    assert isinstance(action, jwtplus.Action)
+    readings = jwtplus.path_readings(path)
+    assert readings[0] == path
+    if status != "pass":
+        assert action is not jwtplus.Action.APP_PAGE
+
+
+@settings(max_examples=1000, deadline=None)
+@given(raw=RAW_PATHS, method=st.sampled_from(["GET", "POST"]))
+def test_decide_whitelists_only_what_every_reading_allows(raw: str, method: str) -> None:
+    """An anonymous request runs a handler only if the path, decoded and normalised, is whitelisted."""
+    path = router_path(raw)
+    action = jwtplus.decide(api_rules(), path, method, True, "missing")
+    assert action in (jwtplus.Action.HANDLER, jwtplus.Action.UNAUTHORIZED)
+    if action is jwtplus.Action.HANDLER:
+        for reading in oracle_readings(path):
+            assert any(re.fullmatch(p, reading) for p in WHITELIST), (raw, path, reading)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(raw=RAW_PATHS)
+def test_decide_protects_what_any_reading_protects(raw: str) -> None:
+    """In SPA mode a protected path answers 401, never the login page, however it is spelled."""
+    path = router_path(raw)
+    rules = jwtplus.RoutingRules(
+        login_route="/login.html",
+        whitelist=WHITELIST,
+        protected_apis=PROTECTED,
+        login_page=True,
+        app_page=True,
+    )
+    action = jwtplus.decide(rules, path, "GET", True, "missing")
+    if action is jwtplus.Action.HANDLER:
+        return  # whitelisted: checked above
+    protected = any(re.fullmatch(p, r, re.DOTALL) for p in PROTECTED for r in oracle_readings(path))
+    if protected:
+        assert action is jwtplus.Action.UNAUTHORIZED, (raw, path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=RAW_PATHS, method=st.sampled_from(["GET", "POST"]))
+async def test_random_spellings_over_http_reach_only_whitelisted_handlers(
+    aiohttp_client: Any, raw: str, method: str
+) -> None:
+    client = await aiohttp_client(path_app())
+    reply = await raw_request(client, raw, method=method)
+    assert reply.status in (200, 401), reply
+    ran = client.server.app[HITS]
+    if reply.status == 401:
+        assert_refused(reply, CHALLENGE_MISSING)
+        assert ran == []
+        return
+    [(name, path)] = ran
+    assert name in WHITELISTED_HANDLERS, (raw, ran)
+    assert path == router_path(raw)
+    for reading in oracle_readings(path):
+        assert any(re.fullmatch(p, reading) for p in WHITELIST), (raw, reading)
+
+
+# ---- Real processes: the examples, and two servers sharing rotating keys ----
+# Real processes: the examples run as subprocesses, and two servers share rotating keys.
+#
+# Every server is started with ``sys.executable`` on a free port, waited for with a
+# bounded poll, and always stopped at teardown; its stdout and stderr go to files
+# in ``tmp_path`` and are printed at teardown, so a failing test shows them.
+# Subprocesses run with warnings as errors, except the one honest
+# WeakSecretWarning of the examples' demo secret 'testsecret'.
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
+
+START_TIMEOUT = 20.0  # seconds for a server to accept connections
+RUN_TIMEOUT = 60.0  # seconds for a client run
+STOP_TIMEOUT = 10.0  # seconds for a server to exit after SIGTERM
+HTTP_TIMEOUT = ClientTimeout(total=10)
+
+# Warnings are errors in the subprocesses too, except the examples' WeakSecretWarning (its message
+# starts with "SecretManager"; the -W syntax cannot name a category outside the standard library).
+WARNING_FLAGS = ("-W", "error", "-W", "default:SecretManager:UserWarning")
+
+
+# -- Process helpers --
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a subprocess: this checkout's jwtplus first on the path, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Server:
+    """A server subprocess, with the files its output goes to."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    url: str
+    stdout_path: Path
+    stderr_path: Path
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def logs(self) -> str:
+        return (
+            f"---- {self.name} (exit code {self.proc.returncode}) stdout ----\n{self.stdout()}"
+            f"---- {self.name} stderr ----\n{self.stderr()}"
+        )
+
+    async def stop(self) -> int:
+        """SIGTERM (aiohttp's graceful shutdown), then SIGKILL if it hangs; return the exit code."""
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                self.proc.kill()
+                await self.proc.wait()
+                pytest.fail(f"{self.name} did not exit within {STOP_TIMEOUT}s of SIGTERM\n{self.logs()}")
+        return self.proc.returncode  # type: ignore[return-value]
+
+
+async def wait_until_accepting(server: Server, port: int) -> None:
+    """Poll until *server* accepts TCP connections, failing (with its output) after START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if server.proc.returncode is not None:
+            pytest.fail(f"{server.name} exited before accepting connections\n{server.logs()}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"{server.name} did not accept connections within {START_TIMEOUT}s\n{server.logs()}"
+                )
+            await asyncio.sleep(0.05)
+        else:
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
+Spawn = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """Start ``script --host 127.0.0.1 --port <free port> *args``; every one is stopped at teardown."""
+    started: list[Server] = []
+
+    async def start(name: str, script: Path, *args: str, env: dict[str, str] | None = None) -> Server:
+        port = free_port()
+        stdout_path, stderr_path = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
+        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *WARNING_FLAGS,
+                str(script),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=subprocess_env(env),
+                cwd=ROOT,
+            )
+        server = Server(name, proc, f"http://127.0.0.1:{port}", stdout_path, stderr_path)
+        started.append(server)
+        await wait_until_accepting(server, port)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
+        print(server.logs())  # shown by pytest when the test failed
+
+
+async def run_script(script: Path, *args: str) -> tuple[int, str, str]:
+    """Run a script to its end; return its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *WARNING_FLAGS,
+        str(script),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    except asyncio.TimeoutError:  # not the builtin before Python 3.11
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"{script.name} did not finish within {RUN_TIMEOUT}s")
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def fetch(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, str]:
+    async with (
+        ClientSession(timeout=HTTP_TIMEOUT) as session,
+        session.request(method, url, headers=headers) as response,
+    ):
+        return response.status, await response.text()
+
+
+def demo_manager(**settings: object) -> jwtplus.SecretManager:
+    """A SecretManager on the examples' demo secret 'testsecret', expecting its one WeakSecretWarning."""
+    with pytest.warns(jwtplus.WeakSecretWarning) as record:
+        made = jwtplus.SecretManager("testsecret", **settings)  # type: ignore[arg-type]
+    assert len(record) == 1
+    return made
+
+
+# -- The examples --
+
+INDEX, LOGIN = "this is index.html", "this is login.html"
+LOGIN_API_TEXT, PROTECTED_TEXT = "loginapi called", "this is a protected api"
+BODY_401_TEXT = '{"error":"unauthorized"}'
+
+# The seed's table, as client.py prints it against server.py: (path, status, text) per section.
+SEED_TABLE = {
+    "With authentication": [
+        ("/index.html", 200, INDEX),
+        ("/login.html", 200, INDEX),  # a logged-in user gets the app, not the login page
+        ("/authentication", 200, LOGIN_API_TEXT),
+        ("/setattr", 200, PROTECTED_TEXT),
+        ("/404", 200, INDEX),  # 404s are left to the SPA
+    ],
+    "Without authentication": [
+        ("/index.html", 200, LOGIN),
+        ("/login.html", 200, LOGIN),
+        ("/authentication", 200, LOGIN_API_TEXT),
+        ("/setattr", 401, BODY_401_TEXT),
+        ("/404", 200, LOGIN),
+    ],
+}
+
+_ROW = re.compile(r"called (?P<path>\S+) +get statuscode (?P<status>\d{3}) +return text (?P<text>.*)")
+
+
+def parse_client_table(stdout: str) -> dict[str, list[tuple[str, int, str]]]:
+    """Read client.py's output back into SEED_TABLE's shape; any other line fails the test."""
+    table: dict[str, list[tuple[str, int, str]]] = {}
+    section: list[tuple[str, int, str]] | None = None
+    for line in stdout.splitlines():
+        if set(line) == {"#"}:
+            continue
+        if line in SEED_TABLE:
+            section = table.setdefault(line, [])
+        elif (row := _ROW.fullmatch(line)) and section is not None:
+            section.append((row["path"], int(row["status"]), ast.literal_eval(row["text"])))
+        else:
+            pytest.fail(f"unexpected line from client.py: {line!r}\n{stdout}")
+    return table
+
+
+async def test_server_and_client_print_the_seed_table(spawn: Spawn) -> None:
+    server = await spawn("server", EXAMPLES / "server.py")
+    code, out, err = await run_script(EXAMPLES / "client.py", "--url", server.url)
+    assert code == 0, f"client.py failed\n{out}\n{err}\n{server.logs()}"
+    assert parse_client_table(out) == SEED_TABLE, f"{out}\n{server.logs()}"
+    assert err.count("WeakSecretWarning") == 1, err  # honest about 'testsecret', once
+    assert "eyJ" not in out  # no token printed
+
+    assert await server.stop() == 0, server.logs()  # SIGTERM: graceful, auto_refresh cancelled cleanly
+    stdout, stderr = server.stdout(), server.stderr()
+    assert f"python examples/client.py --url {server.url}" in stdout  # how to try it
+    assert stderr.count("WeakSecretWarning") == 1, stderr
+    assert "Traceback" not in stderr
+    for secret_or_token in ("testsecret", "eyJ"):
+        assert secret_or_token not in stdout + stderr
+    # show_request_info ran in the handlers: the protected one only for the logged-in call
+    requests = re.findall(r"^GET (\S+) from \S+: auth_status=(\w+)", stdout, re.MULTILINE)
+    assert requests == [
+        *((path, "pass") for path in ("/index.html", "/login.html", "/authentication", "/setattr", "/404")),
+        *((path, "missing") for path in ("/index.html", "/login.html", "/authentication", "/404")),
+    ], stdout
+
+
+async def test_client_tokens_are_minted_like_the_servers(spawn: Spawn) -> None:
+    """client.py's settings are server.py's: a token of either verifies with the other's manager."""
+    server_manager = demo_manager(refresh_interval="30d", scheme="Bearer", algorithm="HS256", exptime="30d")
+    server = await spawn("server", EXAMPLES / "server.py")
+    token = server_manager.encode({"username": "jacky"})
+    status, text = await fetch(server.url + "/setattr", {"Authorization": f"Bearer {token}"})
+    assert (status, text) == (200, PROTECTED_TEXT)
+    assert jwt.get_unverified_header(token)["kid"] == str(jwtplus.period_of(time.time(), 30 * 86400))
+
+
+async def test_server_basic_serves_its_four_routes(spawn: Spawn) -> None:
+    server = await spawn("server_basic", EXAMPLES / "server_basic.py")
+    for path, text in (
+        ("/index.html", INDEX),
+        ("/login.html", LOGIN),
+        ("/authentication", LOGIN_API_TEXT),
+        ("/setattr", PROTECTED_TEXT),
+    ):
+        assert await fetch(server.url + path) == (200, text), server.logs()
+    assert (await fetch(server.url + "/404"))[0] == 404
+    assert await server.stop() == 0, server.logs()
+    assert "Traceback" not in server.stderr()
+
+
+async def test_modify_identifier_passes_admin_only_and_never_500s(spawn: Spawn) -> None:
+    server = await spawn("modify_identifier", EXAMPLES / "modify_identifier.py")
+    demo = demo_manager()
+    stranger = jwtplus.SecretManager(secrets.token_urlsafe(32))
+
+    def auth(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    admin = auth(demo.encode({"username": "admin"}))
+    cases: list[tuple[str, str, dict[str, str] | None, tuple[int, str]]] = [
+        ("GET", "/index.html", admin, (200, "pass")),
+        ("GET", "/anywhere", admin, (200, "pass")),  # unknown page: the authorized page handler
+        ("GET", "/index.html", auth(demo.encode({"username": "bob"})), (200, "fail")),
+        ("GET", "/index.html", None, (200, "fail")),  # no token: auth_carry is None
+        ("GET", "/anywhere", None, (200, "fail")),
+        ("GET", "/index.html", {"Authorization": "None"}, (200, "fail")),
+        ("GET", "/index.html", auth("not.a.token"), (200, "fail")),
+        ("GET", "/index.html", auth(demo.encode({"name": "admin"})), (200, "fail")),  # identifier: no
+        ("GET", "/index.html", auth(stranger.encode({"username": "admin"})), (200, "fail")),
+        (
+            "GET",
+            "/index.html",
+            auth(demo.encode({"username": "admin"}, now=time.time() - 31 * 86400)),  # expired
+            (200, "fail"),
+        ),
+        ("POST", "/index.html", None, (401, BODY_401_TEXT)),  # not a page request: 401, not the handler
+    ]
+    for method, path, headers, expected in cases:
+        got = await fetch(server.url + path, headers, method=method)
+        assert got == expected, (method, path, headers, server.logs())
+    assert await server.stop() == 0, server.logs()
+    stderr = server.stderr()
+    assert "Traceback" not in stderr, stderr
+    assert "Error handling request" not in stderr, stderr
+    assert stderr.count("WeakSecretWarning") == 1, stderr
+
+
+# -- Two real servers, one secret, rotating keys --
+
+ROTATION_SERVER = '''\
+"""A protected app on rotating keys: the secret comes from JWTPLUS_TEST_SECRET."""
+
+import argparse
+import os
+
+from aiohttp import web
+
+import jwtplus
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--name", required=True)
+args = parser.parse_args()
+
+manager = jwtplus.SecretManager(
+    secret=os.environ["JWTPLUS_TEST_SECRET"], refresh_interval=60, exptime="5m"
+)
+helper = jwtplus.JWTHelper(
+    secret_manager=manager, whitelist=("/mint",), protected_apis=("/me",)
+)
+
+
+async def mint(request: web.Request) -> web.Response:
+    return web.Response(text=manager.encode({"username": "user-of-" + args.name}))
+
+
+async def me(request: web.Request) -> web.Response:
+    carry = request[jwtplus.AUTH_CARRY]
+    return web.json_response({"server": args.name, "username": carry["username"]})
+
+
+app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+app.router.add_get("/mint", mint)
+app.router.add_get("/me", me)
+web.run_app(app, host=args.host, port=args.port, print=None)
+'''
+
+
+async def test_two_servers_accept_each_others_tokens_across_a_rotation_boundary(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    secret = secrets.token_urlsafe(32)  # 43 bytes: no WeakSecretWarning
+    script = tmp_path / "rotation_server.py"
+    script.write_text(ROTATION_SERVER)
+    env = {"JWTPLUS_TEST_SECRET": secret}
+    servers = [await spawn(name, script, "--name", name, env=env) for name in ("A", "B")]
+
+    minted: dict[str, str] = {}
+    for server in servers:
+        status, token = await fetch(server.url + "/mint")
+        assert status == 200, server.logs()
+        minted["user-of-" + server.name] = token
+    period = jwtplus.period_of(time.time(), 60)
+    for token in minted.values():
+        assert int(jwt.get_unverified_header(token)["kid"]) in (period - 1, period)
+
+    ours = jwtplus.SecretManager(secret, refresh_interval=60, exptime="5m")
+    now = time.time()
+    previous = ours.encode({"username": "previous-period"}, now=now - 60)
+    current = ours.encode({"username": "current-period"}, now=now)
+    kids = [int(jwt.get_unverified_header(t)["kid"]) for t in (previous, current)]
+    assert kids == [jwtplus.period_of(now, 60) - 1, jwtplus.period_of(now, 60)]  # across the boundary
+    accepted = {**minted, "previous-period": previous, "current-period": current}
+
+    refused = {
+        "another secret": jwtplus.SecretManager(secrets.token_urlsafe(32), refresh_interval=60, exptime="5m"),
+        "another secret, no rotation": jwtplus.SecretManager(secrets.token_urlsafe(32), exptime="5m"),
+        "same secret, no rotation": jwtplus.SecretManager(secret, exptime="5m"),  # retired by rotation
+    }
+
+    for server in servers:
+        for username, token in accepted.items():
+            status, text = await fetch(server.url + "/me", {"Authorization": f"Bearer {token}"})
+            assert status == 200, (server.name, username, text, server.logs())
+            assert json.loads(text) == {"server": server.name, "username": username}
+        for why, other in refused.items():
+            token = other.encode({"username": "intruder"})
+            status, _ = await fetch(server.url + "/me", {"Authorization": f"Bearer {token}"})
+            assert status == 401, (server.name, why, server.logs())
+        assert (await fetch(server.url + "/me"))[0] == 401
