@@ -510,6 +510,8 @@ _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 def _canonical_b64(segment: str) -> bool:
     """Whether *segment* is the one base64url spelling of its bytes, so a token has one spelling only."""
+    if len(segment) % 4 == 1:  # no byte string encodes to this length
+        return False
     raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == segment
 
@@ -567,7 +569,7 @@ def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization"
         values = request.headers.getall(header, ())
         if len(values) != 1:
             return None
-        parts = [part for part in values[0].split(" ") if part]
+        parts = [part for part in values[0].strip(" \t").split(" ") if part]
         if len(parts) != 2 or parts[0].lower() != wanted:
             return None
         return parts[1]

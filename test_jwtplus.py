@@ -358,6 +358,12 @@ def test_audience_and_issuer_are_stamped_and_required() -> None:
         plain.decode(plain.encode({"aud": "web"}, now=NOW), now=NOW)
 
 
+@pytest.mark.parametrize("token", ["a.b.c", "0.0.0", "eyJ.eyJ.AAAAA", "x.y."])
+def test_decode_refuses_impossible_base64_lengths_with_decode_error(token: str) -> None:
+    with pytest.raises(jwt.DecodeError):
+        manager().decode(token, now=NOW)
+
+
 def test_decode_of_an_expired_token_raises_expired_signature() -> None:
     sm = manager(exptime=10)
     with pytest.raises(jwt.ExpiredSignatureError):
