@@ -116,15 +116,11 @@ _MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
 _MAX_DURATION = 10**10  # seconds, about 317 years: keeps now + exptime below the year 9999
 _MAX_KID_DIGITS = 15
 _ROTATION_LABEL = b"jwtplus-rotation-v1:"
-_HASHES: dict[str, Callable[..., Any]] = {
-    "HS256": hashlib.sha256,
-    "HS384": hashlib.sha384,
-    "HS512": hashlib.sha512,
-}
+_HASHES = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 
 
 class TokenTooLargeError(jwt.DecodeError):
-    """Raised when a token is longer than MAX_TOKEN_LENGTH or not ASCII."""
+    """Raised when a token is longer than MAX_TOKEN_LENGTH, before any decoding."""
 
 
 class KeyIdError(jwt.InvalidTokenError):
@@ -133,6 +129,31 @@ class KeyIdError(jwt.InvalidTokenError):
 
 class WeakSecretWarning(UserWarning):
     """Warned once per SecretManager whose secret is shorter than its hash output."""
+
+
+class _HMAC(HMACAlgorithm):
+    """PyJWT's HMAC, minus its per-call short-key warning: SecretManager warns once."""
+
+    def check_key_length(self, key: bytes) -> str | None:
+        return None
+
+
+_JWS_ALGORITHMS = {
+    "HS256": _HMAC(HMACAlgorithm.SHA256),
+    "HS384": _HMAC(HMACAlgorithm.SHA384),
+    "HS512": _HMAC(HMACAlgorithm.SHA512),
+}
+
+
+def _jws() -> jwt.PyJWS:
+    """A PyJWS that knows our three HMAC algorithms and nothing else."""
+    jws = jwt.PyJWS(algorithms=[])
+    for name, algorithm in _JWS_ALGORITHMS.items():
+        jws.register_algorithm(name, algorithm)
+    return jws
+
+
+_JWS = _jws()
 
 
 # ---- Durations ----
@@ -223,8 +244,8 @@ class RoutingRules:
             )
         whitelist = _compile_patterns(self.whitelist, name="whitelist")
         protected = _compile_patterns(self.protected_apis, name="protected_apis", flags=re.DOTALL)
-        object.__setattr__(self, "whitelist", tuple(p.pattern for p in whitelist))
-        object.__setattr__(self, "protected_apis", tuple(p.pattern for p in protected))
+        object.__setattr__(self, "whitelist", whitelist)
+        object.__setattr__(self, "protected_apis", protected)
         object.__setattr__(self, "_whitelist", whitelist)
         object.__setattr__(self, "_protected", protected)
 
@@ -243,7 +264,8 @@ class SecretManager:
     """Everything needed to sign and check tokens: secret, algorithm, lifetimes.
 
     Frozen and validated at construction. Every process that must accept the
-    others' tokens needs the same *secret*, *refresh_interval* and *exptime*.
+    others' tokens needs the same *secret*, *algorithm*, *refresh_interval* and
+    *exptime*; across machines, give *leeway* a few seconds for clock skew.
     An empty *secret* draws 32 random bytes, so tokens then die with the process.
 
     .. warning:: the algorithm comes from here, never from a token.
@@ -300,7 +322,7 @@ class SecretManager:
         except jwt.InvalidKeyError as exc:
             raise ValueError(f"secret is not usable as an HMAC key: {exc}") from None
         setattr_("_key", key)
-        wanted = _HASHES[self.algorithm]().digest_size
+        wanted = hashlib.new(_HASHES[self.algorithm]).digest_size
         if len(key) < wanted:
             warnings.warn(
                 f"SecretManager: the secret is {len(key)} bytes; {self.algorithm} wants at least "
@@ -347,31 +369,6 @@ def _audience_set(audience: str | Sequence[str] | None) -> frozenset[str]:
 # ---- Keys and rotation ----
 
 
-class _HMAC(HMACAlgorithm):
-    """PyJWT's HMAC, minus its per-call short-key warning: SecretManager warns once."""
-
-    def check_key_length(self, key: bytes) -> str | None:
-        return None
-
-
-_JWS_ALGORITHMS = {
-    "HS256": _HMAC(HMACAlgorithm.SHA256),
-    "HS384": _HMAC(HMACAlgorithm.SHA384),
-    "HS512": _HMAC(HMACAlgorithm.SHA512),
-}
-
-
-def _jws() -> jwt.PyJWS:
-    """A PyJWS that knows our three HMAC algorithms and nothing else."""
-    jws = jwt.PyJWS(algorithms=[])
-    for name, algorithm in _JWS_ALGORITHMS.items():
-        jws.register_algorithm(name, algorithm)
-    return jws
-
-
-_JWS = _jws()
-
-
 def period_of(now: float, interval: int) -> int:
     """Return the rotation period holding instant *now*: periods of *interval* seconds from the epoch.
 
@@ -381,9 +378,16 @@ def period_of(now: float, interval: int) -> int:
     return int(now // interval)
 
 
-@functools.lru_cache(maxsize=64)
-def _derive(secret: bytes, period: int, algorithm: str) -> bytes:
+def _hmac_key(secret: bytes, period: int, algorithm: str) -> bytes:
     return hmac.new(secret, _ROTATION_LABEL + str(period).encode("ascii"), _HASHES[algorithm]).digest()
+
+
+_cached_key = functools.lru_cache(maxsize=64)(_hmac_key)
+
+
+def _uncached_key(manager: SecretManager, period: int) -> bytes:
+    """A key outside its window: derived only to tell a forgery from an old token, never cached."""
+    return _hmac_key(manager._key, period, manager.algorithm)
 
 
 def key_for_period(manager: SecretManager, period: int) -> bytes:
@@ -392,21 +396,11 @@ def key_for_period(manager: SecretManager, period: int) -> bytes:
     The HMAC uses the algorithm's own hash (SHA-256 for HS256), so any process
     with the same secret derives the same key with nothing shared or stored.
     """
-    return _derive(manager._key, period, manager.algorithm)
+    return _cached_key(manager._key, period, manager.algorithm)
 
 
-def _window_ok(manager: SecretManager, period: int, now: float) -> bool:
-    """Whether *period* can still hold unexpired tokens: n·R ≤ now+leeway and now < (n+1)·R+exptime+leeway."""
-    interval, leeway = manager.refresh_seconds, manager.leeway_seconds
-    return (
-        period * interval <= now + leeway and now < (period + 1) * interval + manager.exptime_seconds + leeway
-    )
-
-
-def _verification_key(manager: SecretManager, header: Mapping[str, Any], now: float) -> bytes:
-    """Pick the one key that may verify a token with *header*: never a trial of every key."""
-    if not manager.refresh_seconds:
-        return manager._key
+def _period_of_kid(header: Mapping[str, Any]) -> int:
+    """Read a rotating token's ``kid`` strictly: 1 to 15 ASCII digits, no leading zero."""
     kid = header.get("kid")
     if not (
         isinstance(kid, str)
@@ -416,10 +410,19 @@ def _verification_key(manager: SecretManager, header: Mapping[str, Any], now: fl
         and (kid == "0" or kid[0] != "0")
     ):
         raise KeyIdError("the token's kid is missing or malformed")
-    period = int(kid)
-    if not _window_ok(manager, period, now):
-        raise KeyIdError("the token's key period is outside its window")
-    return key_for_period(manager, period)
+    return int(kid)
+
+
+def _window(manager: SecretManager, period: int, now: float) -> int:
+    """Where *now* stands against the window in which *period*'s key verifies: -1 before, 0 in, 1 after.
+
+    The window is n·R ≤ now + leeway and now < (n+1)·R + exptime + leeway: from
+    the period's start until its last token can have expired.
+    """
+    interval, leeway = manager.refresh_seconds, manager.leeway_seconds
+    if period * interval > now + leeway:
+        return -1
+    return 0 if now < (period + 1) * interval + manager.exptime_seconds + leeway else 1
 
 
 # ---- Encode / decode ----
@@ -464,10 +467,13 @@ def _check_claims(manager: SecretManager, claims: Mapping[str, Any], now: float)
 
 
 def _time_claim(value: Any, name: str) -> Any:
-    """Turn a datetime into NumericDate; refuse a time claim that decode would refuse."""
+    """Turn a datetime into NumericDate; refuse (ValueError) a time claim that decode would refuse."""
     if isinstance(value, datetime):
         value = int(value.timestamp())
-    _numeric_date({name: value}, name)
+    try:
+        _numeric_date({name: value}, name)
+    except jwt.DecodeError as exc:
+        raise ValueError(f"payload[{name!r}]={value!r}: {exc}") from None
     return value
 
 
@@ -519,9 +525,10 @@ def _canonical_b64(segment: str) -> bool:
 def decode_token(manager: SecretManager, token: str | bytes, *, now: float | None = None) -> dict[str, Any]:
     """Verify *token* and return its claims.
 
-    Checks, in order: size and form (three unpadded, canonical base64url
-    segments: one token, one spelling), the header's ``alg`` against the configured one,
-    the ``kid`` and its rotation window, the signature, then ``exp`` (required),
+    Checks, in order: size and form (three unpadded base64url segments, the
+    signature in its one canonical spelling, so a token has one spelling: the
+    signature covers the other two), the header's ``alg`` against the configured one,
+    the ``kid``, the signature, the ``kid``'s rotation window, then ``exp`` (required),
     ``iat``, ``nbf``, ``iss`` and ``aud`` at *now* with the leeway. Any failure
     raises ``jwt.InvalidTokenError`` or a subclass (``jwt.ExpiredSignatureError``
     when expired).
@@ -530,8 +537,8 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
         token = token.decode("ascii", "replace")
     if not isinstance(token, str):
         raise jwt.DecodeError("a token must be a string")
-    if len(token) > MAX_TOKEN_LENGTH or not token.isascii():
-        raise TokenTooLargeError("the token is too large or not ASCII")
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise TokenTooLargeError("the token is too large")
     if not _COMPACT_JWS.fullmatch(token) or not _canonical_b64(token[token.rindex(".") + 1 :]):
         raise jwt.DecodeError("the token is not three unpadded base64url segments")
     now = time.time() if now is None else now
@@ -541,8 +548,16 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
         raise jwt.DecodeError("the header is nested too deeply") from None
     if header.get("alg") != manager.algorithm:
         raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
-    key = _verification_key(manager, header, now)
+    key, window = manager._key, 0
+    if manager.refresh_seconds:  # exactly one key may verify: its period's, named by kid
+        period = _period_of_kid(header)
+        window = _window(manager, period, now)
+        key = (key_for_period if window == 0 else _uncached_key)(manager, period)
     signed = _JWS.decode_complete(token, key, algorithms=[manager.algorithm])
+    if window < 0:
+        raise KeyIdError("the token's key period has not started")
+    if window > 0:
+        raise jwt.ExpiredSignatureError("the token's key period has ended")
     try:
         claims = json.loads(signed["payload"])
     except (ValueError, RecursionError):
@@ -635,8 +650,11 @@ async def authenticate(
         payload = decode_token(manager, token, now=now)
     except jwt.ExpiredSignatureError:
         return _EXPIRED
-    except Exception as exc:  # PyJWT and json raise several kinds; all mean "not a good token"
+    except jwt.InvalidTokenError as exc:
         _log.debug("jwtplus: token refused (%s)", type(exc).__name__)
+        return _INVALID
+    except Exception:  # a bug, here or in PyJWT: refuse, and say so where it is seen
+        _log.warning("jwtplus: verifying a token raised; request treated as invalid", exc_info=True)
         return _INVALID
     try:
         carry = await _maybe_await(identifier(payload))
@@ -688,17 +706,29 @@ def path_readings(path: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(readings))
 
 
-def decide(rules: RoutingRules, path: str, method: str, route_found: bool, status: AuthStatus) -> Action:
+def decide(
+    rules: RoutingRules,
+    path: str,
+    method: str,
+    route_found: bool,
+    status: AuthStatus,
+    *,
+    preflight: bool = False,
+) -> Action:
     """The SPA routing table, as a pure function.
 
     *path* is the path the router matched (``request.rel_url.path_safe``). A
     path is whitelisted only if every reading of it matches a whitelist
-    pattern, and protected if any reading matches a protected one.
+    pattern, and protected if any reading matches a protected one. A CORS
+    *preflight* (OPTIONS with ``Access-Control-Request-Method``) never carries
+    credentials, so it goes to the handler (aiohttp-cors answers it there).
 
     >>> rules = RoutingRules(login_route="/login.html", login_page=True, app_page=True)
     >>> decide(rules, "/index.html", "GET", True, "missing"), decide(rules, "/api", "POST", True, "pass")
     (<Action.LOGIN_PAGE: 'login_page'>, <Action.HANDLER: 'handler'>)
     """
+    if preflight and method == "OPTIONS":
+        return Action.HANDLER
     readings = path_readings(path)
     if rules._whitelist and all(any(p.fullmatch(r) for p in rules._whitelist) for r in readings):
         return Action.HANDLER
@@ -714,6 +744,35 @@ def decide(rules: RoutingRules, path: str, method: str, route_found: bool, statu
     if ok:
         return Action.HANDLER if route_found or not rules.app_page else Action.APP_PAGE
     return Action.LOGIN_PAGE if rules.login_page else denied
+
+
+# ---- Request keys ----
+
+AUTH_STATUS = web.RequestKey[AuthStatus]("auth_status")
+"""The request's :data:`AuthStatus`: "pass", "missing", "invalid", "expired" or "rejected"."""
+AUTH_CARRY = web.RequestKey[Any]("auth_carry")
+"""What the identifier returned for the request's token (None unless the status is "pass")."""
+
+
+def _not_installed() -> RuntimeError:
+    return RuntimeError(
+        "jwtplus middleware is not installed: put JWTHelper.pre_jwt_identifier() before "
+        "post_jwt_router() in the app's middlewares, or call jwtplus.setup(app, helper)"
+    )
+
+
+def get_auth_status(request: web.Request) -> AuthStatus:
+    """Return the request's auth status; raises RuntimeError when jwtplus is not installed."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_STATUS]
+
+
+def get_auth_carry(request: web.Request) -> Any:
+    """Return what the identifier returned for the request (None unless it passed)."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_CARRY]
 
 
 # ---- Middleware factories ----
@@ -757,18 +816,24 @@ def _set_seed_key(request: web.Request, key: str, value: Any) -> None:
 def identifier_middleware(
     *,
     manager: SecretManager,
-    token_getter: TokenGetter = basic_token_getter,
-    identifier: Identifier = basic_identifier,
+    token_getter: TokenGetter | None = None,
+    identifier: Identifier | None = None,
 ) -> Middleware:
     """Return the middleware that identifies each request and stores the result.
 
     It sets ``request[AUTH_STATUS]`` and ``request[AUTH_CARRY]`` (and the
     seed's ``'auth_status'`` and ``'auth_carry'``), then always calls the handler.
+    The default getter reads ``Authorization`` with the manager's scheme (so
+    does :data:`basic_token_getter` here); the default identifier is
+    :func:`basic_identifier`.
     """
+    if token_getter is None or token_getter is basic_token_getter:
+        token_getter = header_token_getter(manager.scheme)
+    identify = identifier or basic_identifier
 
     @web.middleware
     async def jwt_identifier(request: web.Request, handler: Handler) -> web.StreamResponse:
-        result = await authenticate(request, manager, token_getter, identifier)
+        result = await authenticate(request, manager, token_getter, identify)
         request[AUTH_STATUS] = result.status
         request[AUTH_CARRY] = result.carry
         _set_seed_key(request, "auth_status", result.status)
@@ -798,7 +863,10 @@ def router_middleware(
     async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = get_auth_status(request)
         route_found = request.match_info.http_exception is None
-        action = decide(rules, request.rel_url.path_safe, request.method, route_found, status)
+        preflight = "Access-Control-Request-Method" in request.headers
+        action = decide(
+            rules, request.rel_url.path_safe, request.method, route_found, status, preflight=preflight
+        )
         if action is Action.HANDLER:
             return await handler(request)
         if action is Action.LOGIN_PAGE and login_page_handler is not None:
@@ -812,31 +880,15 @@ def router_middleware(
 
 # ---- aiohttp wiring ----
 
-AUTH_STATUS = web.RequestKey[AuthStatus]("auth_status")
-"""The request's :data:`AuthStatus`: "pass", "missing", "invalid", "expired" or "rejected"."""
-AUTH_CARRY = web.RequestKey[Any]("auth_carry")
-"""What the identifier returned for the request's token (None unless the status is "pass")."""
+JWTPLUS_HELPER = web.AppKey["JWTHelper"]("jwtplus_helper")
+"""Where :func:`setup` keeps the app's JWTHelper."""
 
 
-def _not_installed() -> RuntimeError:
-    return RuntimeError(
-        "jwtplus middleware is not installed: put JWTHelper.pre_jwt_identifier() before "
-        "post_jwt_router() in the app's middlewares, or call jwtplus.setup(app, helper)"
-    )
-
-
-def get_auth_status(request: web.Request) -> AuthStatus:
-    """Return the request's auth status; raises RuntimeError when jwtplus is not installed."""
-    if AUTH_STATUS not in request:
-        raise _not_installed()
-    return request[AUTH_STATUS]
-
-
-def get_auth_carry(request: web.Request) -> Any:
-    """Return what the identifier returned for the request (None unless it passed)."""
-    if AUTH_STATUS not in request:
-        raise _not_installed()
-    return request[AUTH_CARRY]
+def setup(app: web.Application, helper: JWTHelper) -> JWTHelper:
+    """Install *helper*'s two middlewares on *app*, in order, and keep it at ``app[JWTPLUS_HELPER]``."""
+    app.middlewares.extend((helper.pre_jwt_identifier(), helper.post_jwt_router()))
+    app[JWTPLUS_HELPER] = helper
+    return helper
 
 
 # ---- The seed's names ----
@@ -868,9 +920,9 @@ class JWTHelper:
     protected_apis: _Patterns = ()
     """Paths that answer 401/403 rather than a page."""
     manager: SecretManager = field(init=False, repr=False)
+    """The secret manager in use (the given one, or a new one)."""
     rules: RoutingRules = field(init=False, repr=False)
-    _getter: TokenGetter = field(init=False, repr=False)
-    _identifier: Identifier = field(init=False, repr=False)
+    """The routing table this helper's router applies."""
 
     def __post_init__(self) -> None:
         setattr_ = functools.partial(object.__setattr__, self)
@@ -886,12 +938,7 @@ class JWTHelper:
         manager = SecretManager() if self.secret_manager is None else self.secret_manager
         if not isinstance(manager, SecretManager):
             raise TypeError(f"secret_manager must be a SecretManager or None, got {manager!r}")
-        getter = self.token_getter
-        if getter is None or getter is basic_token_getter:
-            getter = header_token_getter(manager.scheme)
         setattr_("manager", manager)
-        setattr_("_getter", getter)
-        setattr_("_identifier", self.identifier or basic_identifier)
         setattr_(
             "rules",
             RoutingRules(
@@ -906,7 +953,7 @@ class JWTHelper:
     def pre_jwt_identifier(self) -> Middleware:
         """The first middleware: identify the request (see :func:`identifier_middleware`)."""
         return identifier_middleware(
-            manager=self.manager, token_getter=self._getter, identifier=self._identifier
+            manager=self.manager, token_getter=self.token_getter, identifier=self.identifier
         )
 
     def post_jwt_router(self) -> Middleware:
@@ -917,17 +964,6 @@ class JWTHelper:
             app_page_handler=self.authorized_return_page_handler,
             scheme=self.manager.scheme,
         )
-
-
-JWTPLUS_HELPER = web.AppKey("jwtplus_helper", JWTHelper)
-"""Where :func:`setup` keeps the app's JWTHelper."""
-
-
-def setup(app: web.Application, helper: JWTHelper) -> JWTHelper:
-    """Install *helper*'s two middlewares on *app*, in order, and keep it at ``app[JWTPLUS_HELPER]``."""
-    app.middlewares.extend((helper.pre_jwt_identifier(), helper.post_jwt_router()))
-    app[JWTPLUS_HELPER] = helper
-    return helper
 
 
 def show_request_info(request: web.Request) -> None:
