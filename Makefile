@@ -29,9 +29,9 @@ typecheck: $(VENV)/.test-installed
 pytest: $(VENV)/.test-installed
 	$(BIN)/pytest
 
-## demo: the seed's demo server on http://127.0.0.1:8080 (examples/server.py)
+## demo: the SPA demo on http://127.0.0.1:8080 (examples/spa_demo.py; log in as jacky / jwtplus-demo)
 demo: $(VENV)/.installed
-	$(BIN)/python examples/server.py --host 127.0.0.1 --port 8080
+	$(BIN)/python examples/spa_demo.py --host 127.0.0.1 --port 8080
 
 ## matrix: pytest on the oldest supported pins (Python 3.10, aiohttp 3.14.0, PyJWT 2.13.0)
 ## and on the newest (Python 3.13, latest aiohttp 3.14.x and PyJWT 2.x)

@@ -57,11 +57,13 @@ __all__ = (
     "AuthStatus",
     "Duration",
     "KeyIdError",
+    "AmbiguousTokenError",
     "TokenTooLargeError",
     "WeakSecretWarning",
     # durations
     "parse_duration",
     # configuration
+    "CookiePolicy",
     "RoutingRules",
     "SecretManager",
     # keys and rotation
@@ -70,10 +72,19 @@ __all__ = (
     # encode / decode
     "decode_token",
     "encode_token",
+    # request keys
+    "AUTH_CARRY",
+    "AUTH_STATUS",
+    "TOKEN_SOURCE",
+    "get_auth_carry",
+    "get_auth_status",
     # token getters
     "TokenGetter",
+    "any_token_getter",
     "basic_token_getter",
+    "cookie_token_getter",
     "header_token_getter",
+    "query_token_getter",
     # identifiers
     "Identifier",
     "AuthResult",
@@ -86,12 +97,12 @@ __all__ = (
     # middleware factories
     "identifier_middleware",
     "router_middleware",
+    # cookies: login and logout
+    "login",
+    "logout",
+    "set_token_cookies",
     # aiohttp wiring
-    "AUTH_CARRY",
-    "AUTH_STATUS",
     "JWTPLUS_HELPER",
-    "get_auth_carry",
-    "get_auth_status",
     "setup",
     # the seed's names
     "JWTHelper",
@@ -101,7 +112,7 @@ __all__ = (
 _log = logging.getLogger("jwtplus")
 
 Duration: TypeAlias = "str | int | float | timedelta"
-AuthStatus: TypeAlias = Literal["pass", "missing", "invalid", "expired", "rejected"]
+AuthStatus: TypeAlias = Literal["pass", "missing", "invalid", "expired", "rejected", "malformed"]
 TokenGetter: TypeAlias = Callable[[web.Request], "str | Awaitable[str | None] | None"]
 Identifier: TypeAlias = Callable[[dict[str, Any]], Any]
 _Patterns: TypeAlias = "Iterable[str | re.Pattern[str]]"
@@ -116,6 +127,8 @@ _MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
 _MAX_DURATION = 10**10  # seconds, about 317 years: keeps now + exptime below the year 9999
 _MAX_KID_DIGITS = 15
 _ROTATION_LABEL = b"jwtplus-rotation-v1:"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_HTTP_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _HASHES = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 
 
@@ -125,6 +138,10 @@ class TokenTooLargeError(jwt.DecodeError):
 
 class KeyIdError(jwt.InvalidTokenError):
     """Raised when a rotating token's ``kid`` is missing, malformed or out of its window."""
+
+
+class AmbiguousTokenError(Exception):
+    """Raised by a token getter when a request offers two different tokens (RFC 6750 ``invalid_request``)."""
 
 
 class WeakSecretWarning(UserWarning):
@@ -250,6 +267,63 @@ class RoutingRules:
         object.__setattr__(self, "_protected", protected)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CookiePolicy:
+    """How tokens travel in cookies, and the CSRF protection that comes with them.
+
+    Defaults are the strict ones: HttpOnly, Secure, SameSite=Lax, Path=/, no
+    Domain, and so the ``__Host-`` name prefix, which browsers accept only with
+    exactly those scoping attributes. The CSRF cookie is the same but readable
+    by scripts, which echo it in *csrf_header* on unsafe requests.
+    """
+
+    name: str = "access_token"
+    """The token cookie's name (before any ``__Host-`` prefix)."""
+    csrf_name: str = "csrf_token"
+    """The script-readable CSRF cookie's name (before any ``__Host-`` prefix)."""
+    csrf_header: str = "X-CSRF-Token"
+    """The header an unsafe cookie-authenticated request must echo the CSRF value in."""
+    secure: bool = True
+    httponly: bool = True
+    samesite: Literal["Lax", "Strict", "None"] = "Lax"
+    path: str = "/"
+    domain: str | None = None
+    host_prefix: bool = True
+    """Prefix both names with ``__Host-`` when secure, Path=/ and no Domain allow it."""
+    trusted_origins: tuple[str, ...] = ()
+    """Origins besides the request's own (``"https://app.example"``) allowed to send unsafe requests."""
+    token_cookie: str = field(init=False)
+    """The token cookie's full name."""
+    csrf_cookie: str = field(init=False)
+    """The CSRF cookie's full name."""
+
+    def __post_init__(self) -> None:
+        for name in ("name", "csrf_name", "csrf_header"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _HTTP_TOKEN.fullmatch(value):
+                raise ValueError(f"{name}={value!r} must be a cookie or header name (letters, digits, -_.)")
+        if self.samesite not in ("Lax", "Strict", "None"):
+            raise ValueError(f'samesite={self.samesite!r} must be "Lax", "Strict" or "None"')
+        if self.samesite == "None" and not self.secure:
+            raise ValueError('samesite="None" needs secure=True: browsers refuse it otherwise')
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            raise ValueError(f'path={self.path!r} must start with "/"')
+        origins = (self.trusted_origins,) if isinstance(self.trusted_origins, str) else self.trusted_origins
+        if not all(isinstance(o, str) and re.fullmatch(r"https?://[^/\s]+", o) for o in origins):
+            raise ValueError(
+                f'trusted_origins={self.trusted_origins!r} must be origins like "https://app.example"'
+            )
+        object.__setattr__(self, "trusted_origins", tuple(origins))
+        prefix = (
+            "__Host-" if self.host_prefix and self.secure and self.path == "/" and not self.domain else ""
+        )
+        object.__setattr__(self, "token_cookie", prefix + self.name)
+        object.__setattr__(self, "csrf_cookie", prefix + self.csrf_name)
+
+
+DEFAULT_COOKIES = CookiePolicy()
+
+
 def _secret_bytes(secret: str | bytes) -> bytes:
     """Encode the configured secret; an empty one becomes 32 random bytes."""
     if isinstance(secret, str):
@@ -300,7 +374,7 @@ class SecretManager:
             raise ValueError(
                 f"algorithm={self.algorithm!r} is not supported: use one of {', '.join(_HASHES)}"
             )
-        if not isinstance(self.scheme, str) or not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", self.scheme):
+        if not isinstance(self.scheme, str) or not _HTTP_TOKEN.fullmatch(self.scheme):
             raise ValueError(f'scheme={self.scheme!r} must be an HTTP auth scheme such as "Bearer"')
         refresh = parse_duration(self.refresh_interval, name="refresh_interval")
         if refresh != int(refresh):
@@ -568,7 +642,43 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
     return claims
 
 
+# ---- Request keys ----
+
+AUTH_STATUS = web.RequestKey[AuthStatus]("auth_status")
+"""The request's :data:`AuthStatus`: "pass", "missing", "invalid", "expired" or "rejected"."""
+AUTH_CARRY = web.RequestKey[Any]("auth_carry")
+"""What the identifier returned for the request's token (None unless the status is "pass")."""
+TOKEN_SOURCE = web.RequestKey[str]("token_source")
+"""Where the request's token came from: "header", "cookie" or "query" (set by the built-in getters)."""
+
+
+def _not_installed() -> RuntimeError:
+    return RuntimeError(
+        "jwtplus middleware is not installed: put JWTHelper.pre_jwt_identifier() before "
+        "post_jwt_router() in the app's middlewares, or call jwtplus.setup(app, helper)"
+    )
+
+
+def get_auth_status(request: web.Request) -> AuthStatus:
+    """Return the request's auth status; raises RuntimeError when jwtplus is not installed."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_STATUS]
+
+
+def get_auth_carry(request: web.Request) -> Any:
+    """Return what the identifier returned for the request (None unless it passed)."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_CARRY]
+
+
 # ---- Token getters ----
+
+
+async def _maybe_await(value: Any) -> Any:
+    """Let getters and identifiers be plain functions or coroutines."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization") -> TokenGetter:
@@ -587,6 +697,7 @@ def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization"
         parts = [part for part in values[0].strip(" \t").split(" ") if part]
         if len(parts) != 2 or parts[0].lower() != wanted:
             return None
+        request[TOKEN_SOURCE] = "header"
         return parts[1]
 
     get_token.__qualname__ = get_token.__name__ = f"header_token_getter({scheme!r})"
@@ -597,12 +708,66 @@ basic_token_getter = header_token_getter("Bearer")
 """The seed's getter: ``Authorization: Bearer <token>``; JWTHelper makes it follow the manager's scheme."""
 
 
+def cookie_token_getter(name: str = DEFAULT_COOKIES.token_cookie) -> TokenGetter:
+    """Return a getter reading the token from cookie *name* (see :class:`CookiePolicy`).
+
+    Unsafe requests authenticated this way must pass the CSRF check.
+    """
+
+    def get_token(request: web.Request) -> str | None:
+        token = request.cookies.get(name)
+        if not token:
+            return None
+        request[TOKEN_SOURCE] = "cookie"
+        return token
+
+    return get_token
+
+
+def query_token_getter(name: str = "access_token") -> TokenGetter:
+    """Return a getter reading the token from query parameter *name*.
+
+    Only for WebSocket handshakes, where browsers can send neither headers nor
+    (cross-site) cookies: query strings end up in access logs and browser history.
+    """
+
+    def get_token(request: web.Request) -> str | None:
+        values = request.query.getall(name, ())
+        if len(values) != 1 or not values[0]:
+            return None
+        request[TOKEN_SOURCE] = "query"
+        return values[0]
+
+    return get_token
+
+
+def any_token_getter(*getters: TokenGetter) -> TokenGetter:
+    """Return a getter that asks every getter and takes the token they agree on.
+
+    ``request[TOKEN_SOURCE]`` names the first getter that found it (a custom
+    getter may set it too; otherwise "custom"). Two different tokens raise
+    :class:`AmbiguousTokenError`: the request gets 400 ``invalid_request``.
+    """
+
+    async def get_token(request: web.Request) -> str | None:
+        found: dict[str, str] = {}
+        for getter in getters:
+            request.pop(TOKEN_SOURCE, None)
+            token = await _maybe_await(getter(request))
+            if token:
+                found.setdefault(token, request.get(TOKEN_SOURCE, "custom"))
+        request.pop(TOKEN_SOURCE, None)
+        if len(found) > 1:
+            raise AmbiguousTokenError("the request offers two different tokens")
+        for token, source in found.items():
+            request[TOKEN_SOURCE] = source
+            return token
+        return None
+
+    return get_token
+
+
 # ---- Identifiers ----
-
-
-async def _maybe_await(value: Any) -> Any:
-    """Let getters and identifiers be plain functions or coroutines."""
-    return await value if inspect.isawaitable(value) else value
 
 
 def basic_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -623,6 +788,27 @@ _MISSING = AuthResult("missing")
 _INVALID = AuthResult("invalid")
 _EXPIRED = AuthResult("expired")
 _REJECTED = AuthResult("rejected")
+_MALFORMED = AuthResult("malformed")
+
+
+def _csrf_ok(request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy) -> bool:
+    """Whether an unsafe request authenticated by cookie comes from the app itself.
+
+    It must echo the token's ``csrf`` claim in the CSRF header (compared in
+    constant time), and where the browser says where it comes from
+    (``Sec-Fetch-Site``, ``Origin``), that must be the same origin or a trusted one.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    foreign = origin is not None and origin.partition("://")[2] != request.host
+    if foreign and origin not in cookies.trusted_origins:
+        return False
+    expected, given = claims.get("csrf"), request.headers.get(cookies.csrf_header)
+    if not isinstance(expected, str) or not expected or given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8", "replace"))
 
 
 async def authenticate(
@@ -631,16 +817,20 @@ async def authenticate(
     token_getter: TokenGetter = basic_token_getter,
     identifier: Identifier = basic_identifier,
     *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
     now: float | None = None,
 ) -> AuthResult:
     """Find, verify and identify the request's token; never raises.
 
-    The status is "missing" (no token), "invalid", "expired", "rejected" (the
-    identifier returned a falsy value or raised) or "pass", with the
-    identifier's result as ``carry``. Failures are logged without the token.
+    The status is "missing" (no token), "malformed" (two different tokens),
+    "invalid", "expired", "rejected" (the identifier returned a falsy value or
+    raised, or a cookie-borne unsafe request failed the CSRF check) or "pass",
+    with the identifier's result as ``carry``. Failures are logged without the token.
     """
     try:
         token = await _maybe_await(token_getter(request))
+    except AmbiguousTokenError:
+        return _MALFORMED
     except Exception:
         _log.warning("jwtplus: the token getter raised; request treated as invalid", exc_info=True)
         return _INVALID
@@ -656,6 +846,10 @@ async def authenticate(
     except Exception:  # a bug, here or in PyJWT: refuse, and say so where it is seen
         _log.warning("jwtplus: verifying a token raised; request treated as invalid", exc_info=True)
         return _INVALID
+    unsafe_cookie = request.get(TOKEN_SOURCE) == "cookie" and request.method not in _SAFE_METHODS
+    if unsafe_cookie and not _csrf_ok(request, payload, cookies):
+        _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
+        return _REJECTED
     try:
         carry = await _maybe_await(identifier(payload))
     except Exception:
@@ -675,6 +869,7 @@ class Action(enum.Enum):
     LOGIN_PAGE = "login_page"
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
+    BAD_REQUEST = "bad_request"
 
 
 def _without_dot_segments(path: str) -> str:
@@ -732,6 +927,8 @@ def decide(
     readings = path_readings(path)
     if rules._whitelist and all(any(p.fullmatch(r) for p in rules._whitelist) for r in readings):
         return Action.HANDLER
+    if status == "malformed":
+        return Action.BAD_REQUEST
     ok = status == "pass"
     denied = Action.FORBIDDEN if status == "rejected" else Action.UNAUTHORIZED
     page = method in ("GET", "HEAD")
@@ -746,45 +943,19 @@ def decide(
     return Action.LOGIN_PAGE if rules.login_page else denied
 
 
-# ---- Request keys ----
-
-AUTH_STATUS = web.RequestKey[AuthStatus]("auth_status")
-"""The request's :data:`AuthStatus`: "pass", "missing", "invalid", "expired" or "rejected"."""
-AUTH_CARRY = web.RequestKey[Any]("auth_carry")
-"""What the identifier returned for the request's token (None unless the status is "pass")."""
-
-
-def _not_installed() -> RuntimeError:
-    return RuntimeError(
-        "jwtplus middleware is not installed: put JWTHelper.pre_jwt_identifier() before "
-        "post_jwt_router() in the app's middlewares, or call jwtplus.setup(app, helper)"
-    )
-
-
-def get_auth_status(request: web.Request) -> AuthStatus:
-    """Return the request's auth status; raises RuntimeError when jwtplus is not installed."""
-    if AUTH_STATUS not in request:
-        raise _not_installed()
-    return request[AUTH_STATUS]
-
-
-def get_auth_carry(request: web.Request) -> Any:
-    """Return what the identifier returned for the request (None unless it passed)."""
-    if AUTH_STATUS not in request:
-        raise _not_installed()
-    return request[AUTH_CARRY]
-
-
 # ---- Middleware factories ----
 
+_BODY_400 = b'{"error":"bad_request"}'
 _BODY_401 = b'{"error":"unauthorized"}'
 _BODY_403 = b'{"error":"forbidden"}'
 
 
 def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
-    """The 401/403 answer (RFC 6750): the same body whatever check failed."""
+    """The 400/401/403 answer (RFC 6750): the same body whatever check failed."""
     if action is Action.FORBIDDEN:
         challenge, body, code = f'{scheme} error="insufficient_scope"', _BODY_403, 403
+    elif action is Action.BAD_REQUEST:
+        challenge, body, code = f'{scheme} error="invalid_request"', _BODY_400, 400
     else:
         challenge = scheme if status == "missing" else f'{scheme} error="invalid_token"'
         body, code = _BODY_401, 401
@@ -818,22 +989,28 @@ def identifier_middleware(
     manager: SecretManager,
     token_getter: TokenGetter | None = None,
     identifier: Identifier | None = None,
+    cookies: CookiePolicy | None = None,
 ) -> Middleware:
     """Return the middleware that identifies each request and stores the result.
 
     It sets ``request[AUTH_STATUS]`` and ``request[AUTH_CARRY]`` (and the
     seed's ``'auth_status'`` and ``'auth_carry'``), then always calls the handler.
     The default getter reads ``Authorization`` with the manager's scheme (so
-    does :data:`basic_token_getter` here); the default identifier is
-    :func:`basic_identifier`.
+    does :data:`basic_token_getter` here) and, given *cookies*, the token
+    cookie too; the default identifier is :func:`basic_identifier`. Unsafe
+    requests whose token came from a cookie must pass the CSRF check of
+    *cookies* (or of the default policy).
     """
     if token_getter is None or token_getter is basic_token_getter:
         token_getter = header_token_getter(manager.scheme)
+        if cookies is not None:
+            token_getter = any_token_getter(token_getter, cookie_token_getter(cookies.token_cookie))
     identify = identifier or basic_identifier
+    policy = cookies or DEFAULT_COOKIES
 
     @web.middleware
     async def jwt_identifier(request: web.Request, handler: Handler) -> web.StreamResponse:
-        result = await authenticate(request, manager, token_getter, identify)
+        result = await authenticate(request, manager, token_getter, identify, cookies=policy)
         request[AUTH_STATUS] = result.status
         request[AUTH_CARRY] = result.carry
         _set_seed_key(request, "auth_status", result.status)
@@ -878,6 +1055,66 @@ def router_middleware(
     return jwt_router
 
 
+# ---- Cookies: login and logout ----
+
+
+def set_token_cookies(
+    response: web.StreamResponse,
+    manager: SecretManager,
+    token: str,
+    *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Put *token* in its cookie on *response*, and its ``csrf`` claim in the CSRF cookie.
+
+    Both live as long as the token (Max-Age is its remaining life). The token
+    is verified first, so a bad one never becomes a cookie; its claims are returned.
+    """
+    claims = decode_token(manager, token, now=now)
+    now = time.time() if now is None else now
+    attributes: dict[str, Any] = {
+        "max_age": max(0, int(claims["exp"] - now)),
+        "path": cookies.path,
+        "domain": cookies.domain,
+        "secure": cookies.secure,
+        "samesite": cookies.samesite,
+    }
+    response.set_cookie(cookies.token_cookie, token, httponly=cookies.httponly, **attributes)
+    csrf = claims.get("csrf")
+    if isinstance(csrf, str) and csrf:
+        response.set_cookie(cookies.csrf_cookie, csrf, httponly=False, **attributes)
+    return claims
+
+
+def login(
+    response: web.StreamResponse,
+    manager: SecretManager,
+    claims: Mapping[str, Any],
+    *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
+    now: float | None = None,
+) -> str:
+    """Mint a token for *claims* with a fresh random ``csrf`` claim, set both cookies, return the token."""
+    token = encode_token(manager, {**claims, "csrf": secrets.token_urlsafe(32)}, now=now)
+    set_token_cookies(response, manager, token, cookies=cookies, now=now)
+    return token
+
+
+def logout(response: web.StreamResponse, *, cookies: CookiePolicy = DEFAULT_COOKIES) -> None:
+    """Clear the token and CSRF cookies on *response*, under either spelling of their names."""
+    names = {cookies.token_cookie, cookies.name, cookies.csrf_cookie, cookies.csrf_name}
+    for name in sorted(names):
+        host_only = name.startswith("__Host-")
+        response.del_cookie(
+            name,
+            path="/" if host_only else cookies.path,
+            domain=None if host_only else cookies.domain,
+            secure=cookies.secure or host_only,
+            samesite=cookies.samesite,
+        )
+
+
 # ---- aiohttp wiring ----
 
 JWTPLUS_HELPER = web.AppKey["JWTHelper"]("jwtplus_helper")
@@ -919,6 +1156,9 @@ class JWTHelper:
     """Paths whose handler always runs."""
     protected_apis: _Patterns = ()
     """Paths that answer 401/403 rather than a page."""
+    _: KW_ONLY
+    cookies: CookiePolicy | None = None
+    """Also read the token from cookies under this policy (for browsers), with its CSRF check."""
     manager: SecretManager = field(init=False, repr=False)
     """The secret manager in use (the given one, or a new one)."""
     rules: RoutingRules = field(init=False, repr=False)
@@ -935,6 +1175,8 @@ class JWTHelper:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable or None, got {value!r}")
+        if self.cookies is not None and not isinstance(self.cookies, CookiePolicy):
+            raise TypeError(f"cookies must be a CookiePolicy or None, got {self.cookies!r}")
         manager = SecretManager() if self.secret_manager is None else self.secret_manager
         if not isinstance(manager, SecretManager):
             raise TypeError(f"secret_manager must be a SecretManager or None, got {manager!r}")
@@ -953,7 +1195,10 @@ class JWTHelper:
     def pre_jwt_identifier(self) -> Middleware:
         """The first middleware: identify the request (see :func:`identifier_middleware`)."""
         return identifier_middleware(
-            manager=self.manager, token_getter=self.token_getter, identifier=self.identifier
+            manager=self.manager,
+            token_getter=self.token_getter,
+            identifier=self.identifier,
+            cookies=self.cookies,
         )
 
     def post_jwt_router(self) -> Middleware:

@@ -864,6 +864,213 @@ def test_functools_composition_of_the_factories() -> None:
         jwtplus.router_middleware(rules=SPA)
 
 
+# ---- Cookies and CSRF ----
+
+COOKIES = jwtplus.CookiePolicy()
+
+
+def test_cookie_policy_names_and_validation() -> None:
+    assert (COOKIES.token_cookie, COOKIES.csrf_cookie) == ("__Host-access_token", "__Host-csrf_token")
+    assert jwtplus.CookiePolicy(secure=False).token_cookie == "access_token"
+    assert jwtplus.CookiePolicy(path="/app").token_cookie == "access_token"
+    assert jwtplus.CookiePolicy(domain="example.com").csrf_cookie == "csrf_token"
+    assert jwtplus.CookiePolicy(host_prefix=False).token_cookie == "access_token"
+    with pytest.raises(ValueError, match="needs secure=True"):
+        jwtplus.CookiePolicy(samesite="None", secure=False)
+    with pytest.raises(ValueError, match="samesite='lax'"):
+        jwtplus.CookiePolicy(samesite="lax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name='access token'"):
+        jwtplus.CookiePolicy(name="access token")
+    with pytest.raises(ValueError, match="trusted_origins"):
+        jwtplus.CookiePolicy(trusted_origins=("app.example",))
+    with pytest.raises(TypeError, match="cookies must be a CookiePolicy"):
+        JWTHelper(secret_manager=manager(), cookies="yes")  # type: ignore[arg-type]
+
+
+def set_cookie_headers(response: web.StreamResponse) -> dict[str, str]:
+    return {morsel.key: morsel.OutputString() for morsel in response.cookies.values()}
+
+
+def test_login_sets_both_cookies_with_strict_attributes() -> None:
+    sm = manager(exptime="1h")
+    response = web.Response()
+    token = jwtplus.login(response, sm, {"username": "ann"}, now=NOW)
+    headers = set_cookie_headers(response)
+    access, csrf = headers["__Host-access_token"], headers["__Host-csrf_token"]
+    for attribute in ("Secure", "SameSite=Lax", "Path=/", "Max-Age=3600"):
+        assert attribute in access
+        assert attribute in csrf
+    assert "HttpOnly" in access
+    assert "HttpOnly" not in csrf
+    assert "Domain" not in access
+    assert access.startswith(f"__Host-access_token={token};")
+    assert csrf.startswith(f"__Host-csrf_token={sm.decode(token, now=NOW)['csrf']};")
+
+
+def test_cookie_attributes_are_overridable() -> None:
+    sm = manager(exptime="10m")
+    policy = jwtplus.CookiePolicy(
+        name="tok", samesite="Strict", path="/app", domain="example.com", secure=False, httponly=False
+    )
+    response = web.Response()
+    jwtplus.login(response, sm, {"username": "ann"}, cookies=policy)
+    access = set_cookie_headers(response)["tok"]
+    assert "SameSite=Strict" in access
+    assert "Path=/app" in access
+    assert "Domain=example.com" in access
+    assert "Secure" not in access
+    assert "HttpOnly" not in access
+
+
+def test_a_bad_token_never_becomes_a_cookie() -> None:
+    with pytest.raises(jwt.InvalidTokenError):
+        jwtplus.set_token_cookies(web.Response(), manager(), "a.b.c")
+
+
+def test_logout_clears_both_cookies_under_both_spellings() -> None:
+    response = web.Response()
+    jwtplus.logout(response)
+    headers = set_cookie_headers(response)
+    assert set(headers) == {"__Host-access_token", "access_token", "__Host-csrf_token", "csrf_token"}
+    for name, header in headers.items():
+        assert header.startswith(f'{name}="";') or header.startswith(f"{name}=;")
+        assert "Max-Age=0" in header
+        assert "Path=/" in header
+        if name.startswith("__Host-"):
+            assert "Secure" in header
+
+
+def cookie_app(sm: SecretManager, ran: list[str], **helper_args: Any) -> web.Application:
+    async def protected(request: web.Request) -> web.Response:
+        ran.append(request.method)
+        return web.json_response(
+            {"source": request.get(jwtplus.TOKEN_SOURCE), "status": request[jwtplus.AUTH_STATUS]}
+        )
+
+    helper_args.setdefault("cookies", COOKIES)
+    helper = seed_helper(sm, protected_apis=["/api/.*"], **helper_args)
+    app = seed_app(helper)
+    app.router.add_route("*", "/api/thing", protected)
+    return app
+
+
+def cookie_header(token: str, csrf: str | None = None) -> dict[str, str]:
+    value = f"__Host-access_token={token}"
+    if csrf is not None:
+        value += f"; __Host-csrf_token={csrf}"
+    return {"Cookie": value}
+
+
+async def test_a_token_cookie_authenticates_safe_requests_and_pages(make_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=cookie_app(sm, ran))
+    response = web.Response()
+    token = jwtplus.login(response, sm, {"username": "ann"})
+    body = await (await client.get("/api/thing", headers=cookie_header(token))).json()
+    assert body == {"source": "cookie", "status": "pass"}
+    assert (
+        await (await client.get("/login.html", headers=cookie_header(token))).text() == "this is index.html"
+    )
+    assert await (await client.get("/index.html")).text() == "this is login.html"
+    assert ran == ["GET"]
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+async def test_unsafe_cookie_requests_need_the_csrf_header(make_client: Any, method: str) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=cookie_app(sm, ran))
+    token = jwtplus.login(web.Response(), sm, {"username": "ann"})
+    csrf = sm.decode(token)["csrf"]
+    for headers in (
+        cookie_header(token, csrf),  # the cookie alone: what a cross-site form sends
+        {**cookie_header(token, csrf), "X-CSRF-Token": "wrong"},
+        {**cookie_header(token, csrf), "X-CSRF-Token": csrf[:-1]},
+        {**cookie_header(token, csrf), "X-CSRF-Token": ""},
+        {**cookie_header(token, csrf), "X-CSRF-Token": csrf, "Origin": "http://evil.example"},
+        {**cookie_header(token, csrf), "X-CSRF-Token": csrf, "Origin": "null"},
+        {**cookie_header(token, csrf), "X-CSRF-Token": csrf, "Sec-Fetch-Site": "cross-site"},
+        {**cookie_header(token, csrf), "X-CSRF-Token": csrf, "Sec-Fetch-Site": "same-site"},
+    ):
+        response = await client.request(method, "/api/thing", headers=headers)
+        assert response.status == 403, headers
+        assert response.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
+        assert await response.read() == b'{"error":"forbidden"}'
+    assert ran == []
+    good = {**cookie_header(token, csrf), "X-CSRF-Token": csrf}
+    assert (await client.request(method, "/api/thing", headers=good)).status == 200
+    same_origin = {**good, "Origin": f"http://{client.host}:{client.port}", "Sec-Fetch-Site": "same-origin"}
+    assert (await client.request(method, "/api/thing", headers=same_origin)).status == 200
+    assert ran == [method, method]
+
+
+async def test_trusted_origins_may_send_unsafe_requests(make_client: Any) -> None:
+    sm, ran = manager(), []
+    policy = jwtplus.CookiePolicy(trusted_origins=("https://app.example",))
+    client = await make_client(app=cookie_app(sm, ran, cookies=policy))
+    token = jwtplus.login(web.Response(), sm, {"username": "ann"}, cookies=policy)
+    csrf = sm.decode(token)["csrf"]
+    headers = {**cookie_header(token), "X-CSRF-Token": csrf}
+    assert (
+        await client.post("/api/thing", headers={**headers, "Origin": "https://app.example"})
+    ).status == 200
+    assert (
+        await client.post("/api/thing", headers={**headers, "Origin": "https://evil.example"})
+    ).status == 403
+
+
+async def test_a_cookie_token_without_a_csrf_claim_cannot_make_unsafe_requests(make_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=cookie_app(sm, ran))
+    token = sm.encode({"username": "ann"})  # minted without login(): no csrf claim
+    assert (await client.get("/api/thing", headers=cookie_header(token))).status == 200
+    response = await client.post("/api/thing", headers={**cookie_header(token), "X-CSRF-Token": ""})
+    assert response.status == 403
+    assert ran == ["GET"]
+
+
+async def test_header_tokens_need_no_csrf_header(make_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=cookie_app(sm, ran))
+    body = await (await client.post("/api/thing", headers=bearer(sm.encode({"username": "ann"})))).json()
+    assert body == {"source": "header", "status": "pass"}
+
+
+async def test_two_different_tokens_are_a_bad_request(make_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=cookie_app(sm, ran))
+    one, two = sm.encode({"username": "ann"}), sm.encode({"username": "bob"})
+    response = await client.get("/api/thing", headers={**bearer(one), **cookie_header(two)})
+    assert response.status == 400
+    assert response.headers["WWW-Authenticate"] == 'Bearer error="invalid_request"'
+    assert await response.read() == b'{"error":"bad_request"}'
+    page = await client.get("/index.html", headers={**bearer(one), **cookie_header(two)})
+    assert page.status == 400
+    whitelisted = await (await client.get("/login_api", headers={**bearer(one), **cookie_header(two)})).json()
+    assert whitelisted["status"] == "malformed"
+    same = await (await client.get("/api/thing", headers={**bearer(one), **cookie_header(one)})).json()
+    assert same == {"source": "header", "status": "pass"}
+    assert ran == ["GET"]
+
+
+async def test_query_getter_is_for_websocket_handshakes(make_client: Any) -> None:
+    sm, ran = manager(), []
+    getter = jwtplus.any_token_getter(jwtplus.basic_token_getter, jwtplus.query_token_getter())
+    client = await make_client(app=cookie_app(sm, ran, token_getter=getter))
+    token = sm.encode({"username": "ann"})
+    body = await (await client.get("/api/thing", params={"access_token": token})).json()
+    assert body == {"source": "query", "status": "pass"}
+    twice = await client.get("/api/thing", params=[("access_token", token), ("access_token", token)])
+    assert twice.status == 401
+
+
+async def test_a_custom_getter_in_a_chain_is_named_custom(make_client: Any) -> None:
+    sm, ran = manager(), []
+    getter = jwtplus.any_token_getter(plain_getter)
+    client = await make_client(app=cookie_app(sm, ran, token_getter=getter))
+    body = await (await client.get("/api/thing", headers={"X-Token": sm.encode({"username": "ann"})})).json()
+    assert body == {"source": "custom", "status": "pass"}
+
+
 # ---- Hardening: a hostile client's tokens, headers and paths ----
 # Hardening tests for jwtplus (issue 2, sections 3 and 5): a hostile client's view.
 #
@@ -2577,3 +2784,143 @@ async def test_two_servers_accept_each_others_tokens_across_a_rotation_boundary(
             status, _ = await fetch(server.url + "/me", {"Authorization": f"Bearer {token}"})
             assert status == 401, (server.name, why, server.logs())
         assert (await fetch(server.url + "/me"))[0] == 401
+
+
+# -- A real browser against the SPA demo --
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = EXAMPLES / "spa" / "screenshots"
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # this machine's network is closed: no phoning home
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+ATTACKER = '''
+import argparse
+from aiohttp import web
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--host")
+parser.add_argument("--port", type=int)
+parser.add_argument("--target")
+args = parser.parse_args()
+PAGE = """<!doctype html><title>evil</title>
+<form id="f" method="POST" action="%(target)s/api/setattr"><input name="x" value="1"></form>
+<script>
+async function attack() {
+  try {
+    await fetch("%(target)s/api/setattr", {method: "POST", credentials: "include", body: "x=1"});
+    return "sent";
+  } catch (error) { return "blocked: " + error; }
+}
+</script>""" % {"target": args.target}
+
+async def evil(request):
+    return web.Response(text=PAGE, content_type="text/html")
+
+app = web.Application()
+app.router.add_get("/", evil)
+web.run_app(app, host=args.host, port=args.port, print=None)
+'''
+
+
+async def attacker_posts(demo: Server, attacker: Server) -> list[str]:
+    """Statuses the demo's access log shows for POSTs to its API from the attacker's page."""
+    pattern = re.compile(r'"POST /api/setattr HTTP/1\.1" (\d{3}) .*"' + re.escape(attacker.url) + '/"')
+    for _ in range(100):
+        statuses = pattern.findall(demo.stderr())
+        if statuses:
+            return statuses
+        await asyncio.sleep(0.05)
+    return []
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)"
+)
+async def test_the_spa_demo_in_a_real_browser(spawn: Spawn, tmp_path: Path) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright (the test extra)")
+
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    attacker_script = tmp_path / "attacker.py"
+    attacker_script.write_text(ATTACKER)
+    attacker = await spawn("attacker", attacker_script, "--target", demo.url)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(viewport={"width": 900, "height": 640})
+            page = await context.new_page()
+
+            # Logged out, the app's URL shows the login page.
+            await page.goto(f"{demo.url}/index.html")
+            await page.wait_for_selector("#login-form")
+            await page.screenshot(path=str(SCREENSHOTS / "logged-out.png"))
+
+            # A wrong password stays on the login page.
+            await page.fill("#username", "jacky")
+            await page.fill("#password", "not the password")
+            await page.click("button[type=submit]")
+            await page.wait_for_function("document.getElementById('error').textContent !== ''")
+            assert "Wrong username or password" in await page.text_content("#error")
+
+            # Log in: land on the app, with the user's name.
+            await page.fill("#password", "jwtplus-demo")
+            async with page.expect_navigation():
+                await page.click("button[type=submit]")
+            await page.wait_for_selector("#app-page")
+            await page.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+            assert page.url == f"{demo.url}/index.html"
+
+            # The token cookie is HttpOnly (scripts cannot see it) and SameSite=Lax.
+            cookies = {cookie["name"]: cookie for cookie in await context.cookies()}
+            assert cookies["__Host-access_token"]["httpOnly"] is True
+            assert cookies["__Host-access_token"]["sameSite"] == "Lax"
+            assert cookies["__Host-access_token"]["secure"] is True
+            assert cookies["__Host-csrf_token"]["httpOnly"] is False
+            document_cookie = await page.evaluate("document.cookie")
+            assert "access_token" not in document_cookie
+            assert "__Host-csrf_token=" in document_cookie
+
+            # A logged-in visit to the login page shows the app.
+            await page.goto(f"{demo.url}/login.html")
+            await page.wait_for_selector("#app-page")
+            await page.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+
+            # The protected API answers 200 with the CSRF header, 403 without it.
+            await page.click("#call-api")
+            await page.wait_for_function("document.getElementById('result').textContent !== ''")
+            assert (await page.text_content("#result")).startswith("200 ")
+            await page.screenshot(path=str(SCREENSHOTS / "logged-in.png"))
+            status = await page.evaluate("async () => (await fetch('/api/setattr', {method: 'POST'})).status")
+            assert status == 403
+
+            # A page on another origin (a second port) that POSTs with credentials is refused.
+            # The fetch's answer is hidden from the attacker's script (CORS), so read the demo's access log.
+            evil = await context.new_page()
+            await evil.goto(attacker.url)
+            assert (await evil.evaluate("attack()")).startswith("blocked")
+            assert await attacker_posts(demo, attacker) == ["403"]
+            async with evil.expect_navigation() as navigated:
+                await evil.evaluate("document.getElementById('f').submit()")
+            posted = await navigated.value
+            assert posted is not None
+            assert posted.status == 403
+            assert await posted.text() == '{"error":"forbidden"}'
+            assert await attacker_posts(demo, attacker) == ["403", "403"]
+            await evil.close()
+
+            # Log out: the app shows the login page again, and the cookies are gone.
+            async with page.expect_navigation():
+                await page.click("#logout")
+            await page.wait_for_selector("#login-form")
+            assert page.url == f"{demo.url}/index.html"
+            assert not [c for c in await context.cookies() if "token" in c["name"]]
+        finally:
+            await browser.close()
