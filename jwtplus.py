@@ -32,6 +32,7 @@ import base64
 import enum
 import functools
 import hashlib
+import heapq
 import hmac
 import inspect
 import json
@@ -58,14 +59,17 @@ __all__ = (
     "Duration",
     "KeyIdError",
     "AmbiguousTokenError",
+    "StoreFullError",
     "TokenTooLargeError",
     "WeakSecretWarning",
     # durations
     "parse_duration",
     # configuration
     "CookiePolicy",
+    "RevocationStore",
     "RoutingRules",
     "SecretManager",
+    "Sessions",
     # keys and rotation
     "key_for_period",
     "period_of",
@@ -74,6 +78,7 @@ __all__ = (
     "encode_token",
     # request keys
     "AUTH_CARRY",
+    "AUTH_CLAIMS",
     "AUTH_STATUS",
     "TOKEN_SOURCE",
     "get_auth_carry",
@@ -101,6 +106,23 @@ __all__ = (
     "login",
     "logout",
     "set_token_cookies",
+    # sessions: token pairs, refresh, revocation, stores
+    "TokenPair",
+    "end_session",
+    "issue_tokens",
+    "memory_store",
+    "redis_store",
+    "refresh_session",
+    "revoke_family",
+    "revoke_subject",
+    "revoke_token",
+    "set_session_cookies",
+    "start_session",
+    # guards
+    "fresh_login_required",
+    "login_required",
+    "require",
+    "require_claims",
     # aiohttp wiring
     "JWTPLUS_HELPER",
     "setup",
@@ -112,7 +134,9 @@ __all__ = (
 _log = logging.getLogger("jwtplus")
 
 Duration: TypeAlias = "str | int | float | timedelta"
-AuthStatus: TypeAlias = Literal["pass", "missing", "invalid", "expired", "rejected", "malformed"]
+AuthStatus: TypeAlias = Literal[
+    "pass", "missing", "invalid", "expired", "rejected", "malformed", "unavailable"
+]
 TokenGetter: TypeAlias = Callable[[web.Request], "str | Awaitable[str | None] | None"]
 Identifier: TypeAlias = Callable[[dict[str, Any]], Any]
 _Patterns: TypeAlias = "Iterable[str | re.Pattern[str]]"
@@ -142,6 +166,10 @@ class KeyIdError(jwt.InvalidTokenError):
 
 class AmbiguousTokenError(Exception):
     """Raised by a token getter when a request offers two different tokens (RFC 6750 ``invalid_request``)."""
+
+
+class StoreFullError(RuntimeError):
+    """Raised by the memory store when it is full of unexpired entries: fail closed, never forget."""
 
 
 class WeakSecretWarning(UserWarning):
@@ -283,6 +311,10 @@ class CookiePolicy:
     """The script-readable CSRF cookie's name (before any ``__Host-`` prefix)."""
     csrf_header: str = "X-CSRF-Token"
     """The header an unsafe cookie-authenticated request must echo the CSRF value in."""
+    refresh_name: str = "refresh_token"
+    """The refresh token cookie's name (see :class:`Sessions`), before any prefix."""
+    refresh_path: str = "/"
+    """The refresh cookie's path, e.g. the refresh route alone (then ``__Secure-``, not ``__Host-``)."""
     secure: bool = True
     httponly: bool = True
     samesite: Literal["Lax", "Strict", "None"] = "Lax"
@@ -296,9 +328,11 @@ class CookiePolicy:
     """The token cookie's full name."""
     csrf_cookie: str = field(init=False)
     """The CSRF cookie's full name."""
+    refresh_cookie: str = field(init=False)
+    """The refresh cookie's full name."""
 
     def __post_init__(self) -> None:
-        for name in ("name", "csrf_name", "csrf_header"):
+        for name in ("name", "csrf_name", "csrf_header", "refresh_name"):
             value = getattr(self, name)
             if not isinstance(value, str) or not _HTTP_TOKEN.fullmatch(value):
                 raise ValueError(f"{name}={value!r} must be a cookie or header name (letters, digits, -_.)")
@@ -306,8 +340,10 @@ class CookiePolicy:
             raise ValueError(f'samesite={self.samesite!r} must be "Lax", "Strict" or "None"')
         if self.samesite == "None" and not self.secure:
             raise ValueError('samesite="None" needs secure=True: browsers refuse it otherwise')
-        if not isinstance(self.path, str) or not self.path.startswith("/"):
-            raise ValueError(f'path={self.path!r} must start with "/"')
+        for name in ("path", "refresh_path"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ValueError(f'{name}={value!r} must start with "/"')
         origins = (self.trusted_origins,) if isinstance(self.trusted_origins, str) else self.trusted_origins
         if not all(isinstance(o, str) and re.fullmatch(r"https?://[^/\s]+", o) for o in origins):
             raise ValueError(
@@ -319,9 +355,78 @@ class CookiePolicy:
         )
         object.__setattr__(self, "token_cookie", prefix + self.name)
         object.__setattr__(self, "csrf_cookie", prefix + self.csrf_name)
+        refresh_prefix = "__Host-" if prefix and self.refresh_path == "/" else "__Secure-" if prefix else ""
+        object.__setattr__(self, "refresh_cookie", refresh_prefix + self.refresh_name)
 
 
 DEFAULT_COOKIES = CookiePolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationStore:
+    """Where revocations live: three async operations, built by :func:`memory_store` or :func:`redis_store`.
+
+    Keys are strings, values floats, and every entry expires at its *until*
+    (Unix seconds), when the tokens it covers have expired too.
+    """
+
+    put: Callable[[str, float, float, float], Awaitable[None]]
+    """``put(key, value, until, now)``: set an entry."""
+    get_many: Callable[[Sequence[str], float], Awaitable[list[float | None]]]
+    """``get_many(keys, now)``: the live values of *keys* (None where absent), in one round trip."""
+    consume: Callable[[str, float, float, float], Awaitable[float | None]]
+    """``consume(key, value, until, now)``: set *key* only if absent, atomically; None if it was set
+    now, else the value it already had."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sessions:
+    """Access and refresh tokens, and the store their revocations live in.
+
+    Access tokens are short (``type: "access"``), refresh tokens long
+    (``type: "refresh"``); both carry ``jti``, ``sub`` and the family id
+    ``fam`` of the login they descend from. A refresh token is used once: a
+    second use is theft, and kills the family. When the store cannot be
+    reached, requests fail closed (503) unless *fail_open*.
+    """
+
+    manager: SecretManager
+    """Signs both kinds; with rotation on, its exptime must cover refresh_exptime."""
+    store: RevocationStore = field(default_factory=lambda: memory_store())
+    """Where revocations and used refresh tokens are kept (per process by default: use Redis for many)."""
+    access_exptime: Duration = "15m"
+    refresh_exptime: Duration = "30d"
+    reuse_grace: Duration = 0
+    """A refresh token used again within this many seconds of its first use is refused without killing
+    its family (tabs racing to refresh); 0: every reuse is theft."""
+    fail_open: bool = False
+    """Accept tokens (logging a warning) when the store cannot be reached, instead of answering 503."""
+    access_seconds: float = field(init=False)
+    refresh_seconds: float = field(init=False)
+    grace_seconds: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.manager, SecretManager):
+            raise TypeError(f"manager must be a SecretManager, got {self.manager!r}")
+        if not isinstance(self.store, RevocationStore):
+            raise TypeError(
+                f"store must be a RevocationStore (memory_store() or redis_store(...)), got {self.store!r}"
+            )
+        access = parse_duration(self.access_exptime, name="access_exptime")
+        refresh = parse_duration(self.refresh_exptime, name="refresh_exptime")
+        if not 0 < access <= refresh:
+            raise ValueError(
+                f"access_exptime={self.access_exptime!r} and refresh_exptime={self.refresh_exptime!r} "
+                "must be positive, access no longer than refresh"
+            )
+        if self.manager.refresh_seconds and refresh > self.manager.exptime_seconds:
+            raise ValueError(
+                f"refresh_exptime={self.refresh_exptime!r} is longer than the manager's exptime="
+                f"{self.manager.exptime!r}: with rotation on, no token outlives its period's window"
+            )
+        object.__setattr__(self, "access_seconds", access)
+        object.__setattr__(self, "refresh_seconds", refresh)
+        object.__setattr__(self, "grace_seconds", parse_duration(self.reuse_grace, name="reuse_grace"))
 
 
 def _secret_bytes(secret: str | bytes) -> bytes:
@@ -648,6 +753,8 @@ AUTH_STATUS = web.RequestKey[AuthStatus]("auth_status")
 """The request's :data:`AuthStatus`: "pass", "missing", "invalid", "expired" or "rejected"."""
 AUTH_CARRY = web.RequestKey[Any]("auth_carry")
 """What the identifier returned for the request's token (None unless the status is "pass")."""
+AUTH_CLAIMS = web.RequestKey["dict[str, Any] | None"]("auth_claims")
+"""The verified claims of the request's token when its status is "pass" (else None): guards read these."""
 TOKEN_SOURCE = web.RequestKey[str]("token_source")
 """Where the request's token came from: "header", "cookie" or "query" (set by the built-in getters)."""
 
@@ -778,10 +885,11 @@ def basic_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
 
 @dataclass(frozen=True, slots=True)
 class AuthResult:
-    """What identification made of a request: its status and the identifier's result."""
+    """What identification made of a request: its status, the identifier's result, the verified claims."""
 
     status: AuthStatus
     carry: Any = None
+    claims: dict[str, Any] | None = None
 
 
 _MISSING = AuthResult("missing")
@@ -789,6 +897,35 @@ _INVALID = AuthResult("invalid")
 _EXPIRED = AuthResult("expired")
 _REJECTED = AuthResult("rejected")
 _MALFORMED = AuthResult("malformed")
+_UNAVAILABLE = AuthResult("unavailable")
+
+
+def _revocation_keys(claims: Mapping[str, Any]) -> list[str]:
+    """The store keys that can revoke a token: its own jti, its family, its subject's cutoff."""
+    keys = [f"revoked:{claims.get('jti')}"]
+    if isinstance(claims.get("fam"), str):
+        keys.append(f"family:{claims['fam']}")
+    if isinstance(claims.get("sub"), str):
+        keys.append(f"cutoff:{claims['sub']}")
+    return keys
+
+
+async def _is_revoked(sessions: Sessions, claims: Mapping[str, Any], now: float) -> bool:
+    """Whether the store revokes *claims*: by jti, by family, or by a cutoff at or after its ``iat``.
+
+    Raises whatever the store raises when it cannot be reached.
+    """
+    keys = _revocation_keys(claims)
+    values = await sessions.store.get_many(keys, now)
+    for key, value in zip(keys, values, strict=True):
+        if value is None:
+            continue
+        if not key.startswith("cutoff:"):
+            return True
+        iat = claims.get("iat")
+        if not isinstance(iat, (int, float)) or iat <= value:
+            return True
+    return False
 
 
 def _csrf_ok(request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy) -> bool:
@@ -818,14 +955,18 @@ async def authenticate(
     identifier: Identifier = basic_identifier,
     *,
     cookies: CookiePolicy = DEFAULT_COOKIES,
+    sessions: Sessions | None = None,
     now: float | None = None,
 ) -> AuthResult:
     """Find, verify and identify the request's token; never raises.
 
     The status is "missing" (no token), "malformed" (two different tokens),
-    "invalid", "expired", "rejected" (the identifier returned a falsy value or
-    raised, or a cookie-borne unsafe request failed the CSRF check) or "pass",
-    with the identifier's result as ``carry``. Failures are logged without the token.
+    "invalid" (including a refresh token, and a token revoked in *sessions*'
+    store), "expired", "rejected" (the identifier returned a falsy value or
+    raised, or a cookie-borne unsafe request failed the CSRF check),
+    "unavailable" (the store could not be reached, unless fail-open) or
+    "pass", with the identifier's result as ``carry``. Failures are logged
+    without the token.
     """
     try:
         token = await _maybe_await(token_getter(request))
@@ -846,16 +987,28 @@ async def authenticate(
     except Exception:  # a bug, here or in PyJWT: refuse, and say so where it is seen
         _log.warning("jwtplus: verifying a token raised; request treated as invalid", exc_info=True)
         return _INVALID
+    if payload.get("type", "access") != "access":
+        return _INVALID  # a refresh token is never an access token
     unsafe_cookie = request.get(TOKEN_SOURCE) == "cookie" and request.method not in _SAFE_METHODS
     if unsafe_cookie and not _csrf_ok(request, payload, cookies):
         _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
         return _REJECTED
+    if sessions is not None:
+        try:
+            if await _is_revoked(sessions, payload, time.time() if now is None else now):
+                return _INVALID
+        except Exception:
+            _log.warning(
+                "jwtplus: the revocation store failed (%s)", "fail-open" if sessions.fail_open else "503"
+            )
+            if not sessions.fail_open:
+                return _UNAVAILABLE
     try:
         carry = await _maybe_await(identifier(payload))
     except Exception:
         _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
         return _REJECTED
-    return AuthResult("pass", carry) if carry else _REJECTED
+    return AuthResult("pass", carry, payload) if carry else _REJECTED
 
 
 # ---- The routing decision ----
@@ -870,6 +1023,7 @@ class Action(enum.Enum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     BAD_REQUEST = "bad_request"
+    UNAVAILABLE = "unavailable"
 
 
 def _without_dot_segments(path: str) -> str:
@@ -929,6 +1083,8 @@ def decide(
         return Action.HANDLER
     if status == "malformed":
         return Action.BAD_REQUEST
+    if status == "unavailable":
+        return Action.UNAVAILABLE
     ok = status == "pass"
     denied = Action.FORBIDDEN if status == "rejected" else Action.UNAUTHORIZED
     page = method in ("GET", "HEAD")
@@ -948,10 +1104,18 @@ def decide(
 _BODY_400 = b'{"error":"bad_request"}'
 _BODY_401 = b'{"error":"unauthorized"}'
 _BODY_403 = b'{"error":"forbidden"}'
+_BODY_503 = b'{"error":"unavailable"}'
 
 
 def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
-    """The 400/401/403 answer (RFC 6750): the same body whatever check failed."""
+    """The 400/401/403/503 answer (RFC 6750): the same body whatever check failed."""
+    if action is Action.UNAVAILABLE:
+        return web.Response(
+            body=_BODY_503,
+            status=503,
+            content_type="application/json",
+            headers={"Retry-After": "5", "Cache-Control": "no-store"},
+        )
     if action is Action.FORBIDDEN:
         challenge, body, code = f'{scheme} error="insufficient_scope"', _BODY_403, 403
     elif action is Action.BAD_REQUEST:
@@ -990,6 +1154,7 @@ def identifier_middleware(
     token_getter: TokenGetter | None = None,
     identifier: Identifier | None = None,
     cookies: CookiePolicy | None = None,
+    sessions: Sessions | None = None,
 ) -> Middleware:
     """Return the middleware that identifies each request and stores the result.
 
@@ -999,7 +1164,8 @@ def identifier_middleware(
     does :data:`basic_token_getter` here) and, given *cookies*, the token
     cookie too; the default identifier is :func:`basic_identifier`. Unsafe
     requests whose token came from a cookie must pass the CSRF check of
-    *cookies* (or of the default policy).
+    *cookies* (or of the default policy). Given *sessions*, every token is
+    checked against its revocation store.
     """
     if token_getter is None or token_getter is basic_token_getter:
         token_getter = header_token_getter(manager.scheme)
@@ -1010,9 +1176,12 @@ def identifier_middleware(
 
     @web.middleware
     async def jwt_identifier(request: web.Request, handler: Handler) -> web.StreamResponse:
-        result = await authenticate(request, manager, token_getter, identify, cookies=policy)
+        result = await authenticate(
+            request, manager, token_getter, identify, cookies=policy, sessions=sessions
+        )
         request[AUTH_STATUS] = result.status
         request[AUTH_CARRY] = result.carry
+        request[AUTH_CLAIMS] = result.claims
         _set_seed_key(request, "auth_status", result.status)
         _set_seed_key(request, "auth_carry", result.carry)
         return await handler(request)
@@ -1102,7 +1271,7 @@ def login(
 
 
 def logout(response: web.StreamResponse, *, cookies: CookiePolicy = DEFAULT_COOKIES) -> None:
-    """Clear the token and CSRF cookies on *response*, under either spelling of their names."""
+    """Clear the token, refresh and CSRF cookies on *response*, under every spelling of their names."""
     names = {cookies.token_cookie, cookies.name, cookies.csrf_cookie, cookies.csrf_name}
     for name in sorted(names):
         host_only = name.startswith("__Host-")
@@ -1113,6 +1282,379 @@ def logout(response: web.StreamResponse, *, cookies: CookiePolicy = DEFAULT_COOK
             secure=cookies.secure or host_only,
             samesite=cookies.samesite,
         )
+    for name in sorted({cookies.refresh_cookie, cookies.refresh_name}):
+        response.del_cookie(
+            name,
+            path="/" if name.startswith("__Host-") else cookies.refresh_path,
+            secure=cookies.secure or name.startswith("__"),
+            samesite="Strict",
+        )
+
+
+# ---- Sessions: token pairs, refresh, revocation ----
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    """A short access token and the long refresh token that renews it, from one login family."""
+
+    access: str
+    refresh: str
+    family: str
+    csrf: str
+
+
+def issue_tokens(
+    sessions: Sessions,
+    subject: str,
+    claims: Mapping[str, Any] | None = None,
+    *,
+    family: str | None = None,
+    fresh: bool = True,
+    now: float | None = None,
+) -> TokenPair:
+    """Mint an access and a refresh token for *subject* (``sub``) with *claims*, in *family* or a new one.
+
+    *fresh* marks a token minted by a password login (not by a refresh), for
+    :func:`fresh_login_required`. Both tokens carry the same ``csrf`` claim.
+    """
+    if not isinstance(subject, str) or not subject:
+        raise ValueError(f"subject={subject!r} must be a non-empty string (it becomes the sub claim)")
+    now = time.time() if now is None else now
+    family = family or secrets.token_urlsafe(16)
+    csrf = secrets.token_urlsafe(32)
+    base = {**(claims or {}), "sub": subject, "fam": family, "csrf": csrf}
+    iat = int(now)
+    access = encode_token(
+        sessions.manager,
+        {**base, "type": "access", "fresh": fresh, "exp": iat + sessions.access_seconds},
+        now=now,
+    )
+    refresh = encode_token(
+        sessions.manager, {**base, "type": "refresh", "exp": iat + sessions.refresh_seconds}, now=now
+    )
+    return TokenPair(access, refresh, family, csrf)
+
+
+def set_session_cookies(
+    response: web.StreamResponse,
+    sessions: Sessions,
+    pair: TokenPair,
+    *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
+    now: float | None = None,
+) -> None:
+    """Set the access and CSRF cookies (as :func:`set_token_cookies`) and the refresh cookie.
+
+    The refresh cookie is HttpOnly, SameSite=Strict, scoped to ``cookies.refresh_path``.
+    """
+    set_token_cookies(response, sessions.manager, pair.access, cookies=cookies, now=now)
+    now = time.time() if now is None else now
+    claims = decode_token(sessions.manager, pair.refresh, now=now)
+    response.set_cookie(
+        cookies.refresh_cookie,
+        pair.refresh,
+        max_age=max(0, int(claims["exp"] - now)),
+        path=cookies.refresh_path,
+        domain=None if cookies.refresh_cookie.startswith("__Host-") else cookies.domain,
+        secure=cookies.secure,
+        httponly=True,
+        samesite="Strict",
+    )
+    # the CSRF cookie lives as long as the refresh token, which renews it with each pair
+    response.set_cookie(
+        cookies.csrf_cookie,
+        pair.csrf,
+        max_age=max(0, int(claims["exp"] - now)),
+        path=cookies.path,
+        domain=cookies.domain,
+        secure=cookies.secure,
+        httponly=False,
+        samesite=cookies.samesite,
+    )
+
+
+def start_session(
+    response: web.StreamResponse,
+    sessions: Sessions,
+    subject: str,
+    claims: Mapping[str, Any] | None = None,
+    *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
+    now: float | None = None,
+) -> TokenPair:
+    """After a password check: mint a fresh pair in a new family and set its cookies on *response*."""
+    pair = issue_tokens(sessions, subject, claims, now=now)
+    set_session_cookies(response, sessions, pair, cookies=cookies, now=now)
+    return pair
+
+
+def _unauthorized(scheme: str = "Bearer") -> web.HTTPUnauthorized:
+    return web.HTTPUnauthorized(
+        text=_BODY_401.decode(),
+        content_type="application/json",
+        headers={"WWW-Authenticate": f'{scheme} error="invalid_token"', "Cache-Control": "no-store"},
+    )
+
+
+def _unavailable() -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(
+        text=_BODY_503.decode(),
+        content_type="application/json",
+        headers={"Retry-After": "5", "Cache-Control": "no-store"},
+    )
+
+
+async def _presented_refresh_token(request: web.Request, cookies: CookiePolicy) -> tuple[str | None, bool]:
+    """The refresh token from the refresh cookie, else from a JSON body's ``refresh_token``; and whether
+    it came from the cookie."""
+    token = request.cookies.get(cookies.refresh_cookie)
+    if token:
+        return token, True
+    if request.content_type == "application/json" and request.can_read_body:
+        try:
+            body = await request.json()
+        except ValueError:
+            return None, False
+        value = body.get("refresh_token") if isinstance(body, dict) else None
+        return (value, False) if isinstance(value, str) else (None, False)
+    return None, False
+
+
+async def refresh_session(
+    request: web.Request,
+    sessions: Sessions,
+    *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
+    now: float | None = None,
+) -> TokenPair:
+    """Exchange the request's refresh token (cookie, or JSON ``refresh_token``) for a new pair.
+
+    The refresh token is verified, checked against revocations, and consumed
+    atomically: of concurrent refreshes with one token, exactly one wins. A
+    token used before is theft: its whole family is revoked. A cookie-borne
+    refresh must pass the CSRF check. Raises ``web.HTTPUnauthorized`` (401)
+    or, when the store cannot be reached, ``web.HTTPServiceUnavailable`` (503).
+    """
+    scheme = sessions.manager.scheme
+    token, from_cookie = await _presented_refresh_token(request, cookies)
+    if not token:
+        raise _unauthorized(scheme)
+    now = time.time() if now is None else now
+    try:
+        claims = decode_token(sessions.manager, token, now=now)
+    except jwt.InvalidTokenError:
+        raise _unauthorized(scheme) from None
+    family, jti, subject = claims.get("fam"), claims.get("jti"), claims.get("sub")
+    if not (isinstance(family, str) and isinstance(jti, str) and isinstance(subject, str)):
+        raise _unauthorized(scheme)
+    if claims.get("type") != "refresh" or not (family and jti and subject):
+        raise _unauthorized(scheme)
+    if from_cookie and not _csrf_ok(request, claims, cookies):
+        raise _unauthorized(scheme)
+    try:
+        if await _is_revoked(sessions, claims, now):
+            raise _unauthorized(scheme)
+        used_at = await sessions.store.consume(f"used:{jti}", now, claims["exp"], now)
+        if used_at is not None:
+            if now - used_at > sessions.grace_seconds:
+                _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
+                await revoke_family(sessions, family, now=now)
+            raise _unauthorized(scheme)
+    except web.HTTPException:
+        raise
+    except Exception:
+        _log.warning("jwtplus: the revocation store failed during a refresh", exc_info=True)
+        raise _unavailable() from None
+    kept = {k: v for k, v in claims.items() if k not in _REGISTERED_CLAIMS}
+    return issue_tokens(sessions, subject, kept, family=family, fresh=False, now=now)
+
+
+_REGISTERED_CLAIMS = frozenset(
+    {"iat", "exp", "nbf", "jti", "iss", "aud", "sub", "fam", "csrf", "type", "fresh"}
+)
+
+
+async def revoke_token(sessions: Sessions, claims: Mapping[str, Any], *, now: float | None = None) -> None:
+    """Revoke one token, by its ``jti``, until it expires."""
+    now = time.time() if now is None else now
+    await sessions.store.put(f"revoked:{claims['jti']}", now, float(claims["exp"]), now)
+
+
+async def revoke_family(sessions: Sessions, family: str, *, now: float | None = None) -> None:
+    """Revoke every token of a login family, for as long as any of them can live."""
+    now = time.time() if now is None else now
+    await sessions.store.put(f"family:{family}", now, now + sessions.refresh_seconds, now)
+
+
+async def revoke_subject(sessions: Sessions, subject: str, *, now: float | None = None) -> None:
+    """Log *subject* out everywhere: tokens issued up to this second are refused from now on."""
+    now = time.time() if now is None else now
+    await sessions.store.put(f"cutoff:{subject}", float(int(now)), now + sessions.refresh_seconds, now)
+
+
+async def end_session(
+    request: web.Request,
+    sessions: Sessions,
+    *,
+    cookies: CookiePolicy = DEFAULT_COOKIES,
+    everywhere: bool = False,
+    now: float | None = None,
+) -> None:
+    """Log out: revoke the family of the request's token (or of its refresh cookie, once the access
+    token has expired), or with *everywhere* every token of its subject. Clear the cookies with
+    :func:`logout`. Raises ``web.HTTPServiceUnavailable`` when the store cannot be reached."""
+    now = time.time() if now is None else now
+    claims = request.get(AUTH_CLAIMS)
+    if claims is None:
+        token = request.cookies.get(cookies.refresh_cookie)
+        try:
+            claims = decode_token(sessions.manager, token, now=now) if token else None
+        except jwt.InvalidTokenError:
+            claims = None
+    if claims is None:
+        return
+    try:
+        if everywhere and isinstance(claims.get("sub"), str):
+            await revoke_subject(sessions, claims["sub"], now=now)
+        elif isinstance(claims.get("fam"), str):
+            await revoke_family(sessions, claims["fam"], now=now)
+        else:
+            await revoke_token(sessions, claims, now=now)
+    except Exception:
+        _log.warning("jwtplus: the revocation store failed during a logout", exc_info=True)
+        raise _unavailable() from None
+
+
+# ---- Revocation stores ----
+
+
+def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
+    """A store in this process's memory: for one process, and for tests.
+
+    Entries are dropped when they expire; when *max_entries* unexpired ones
+    fill it, writes raise :class:`StoreFullError` (a refresh or logout then
+    answers 503) rather than forget a revocation.
+    """
+    if not isinstance(max_entries, int) or max_entries < 1:
+        raise ValueError(f"max_entries={max_entries!r} must be a positive int")
+    entries: dict[str, tuple[float, float]] = {}  # key -> (value, until)
+    expiries: list[tuple[float, str]] = []  # a heap of (until, key), stale items included
+
+    def purge(now: float) -> None:
+        while expiries and expiries[0][0] <= now:
+            until, key = heapq.heappop(expiries)
+            if key in entries and entries[key][1] == until:
+                del entries[key]
+
+    def write(key: str, value: float, until: float, now: float) -> None:
+        purge(now)
+        if key not in entries and len(entries) >= max_entries:
+            raise StoreFullError(f"the memory store holds {max_entries} unexpired entries")
+        entries[key] = (value, until)
+        heapq.heappush(expiries, (until, key))
+
+    def live(key: str, now: float) -> float | None:
+        entry = entries.get(key)
+        return entry[0] if entry is not None and entry[1] > now else None
+
+    async def put(key: str, value: float, until: float, now: float) -> None:
+        write(key, value, until, now)
+
+    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+        return [live(key, now) for key in keys]
+
+    async def consume(key: str, value: float, until: float, now: float) -> float | None:
+        previous = live(key, now)
+        if previous is None:
+            write(key, value, until, now)
+        return previous
+
+    return RevocationStore(put, get_many, consume)
+
+
+def redis_store(client: Any, *, prefix: str = "jwtplus:") -> RevocationStore:
+    """A store in Redis, shared by every process and machine: *client* is a ``redis.asyncio.Redis``.
+
+    Writes are single atomic commands (``SET ... EXAT``, ``SET ... NX GET``),
+    so two servers racing to consume one refresh token never both win; reads
+    are one ``MGET``. jwtplus never imports redis itself: install it with the
+    ``redis`` extra and pass the client.
+    """
+
+    def expire_at(until: float, now: float) -> int:
+        return max(math.ceil(until), math.ceil(now) + 1)
+
+    async def put(key: str, value: float, until: float, now: float) -> None:
+        await client.set(prefix + key, repr(value), exat=expire_at(until, now))
+
+    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+        values = await client.mget([prefix + key for key in keys])
+        return [None if value is None else float(value) for value in values]
+
+    async def consume(key: str, value: float, until: float, now: float) -> float | None:
+        previous = await client.set(prefix + key, repr(value), exat=expire_at(until, now), nx=True, get=True)
+        return None if previous is None else float(previous)
+
+    return RevocationStore(put, get_many, consume)
+
+
+# ---- Guards ----
+
+
+def _guard(check: Callable[[dict[str, Any]], bool], failure: Action) -> Callable[[Handler], Handler]:
+    """A handler decorator: 401 unless the request passed, then *failure* unless *check(claims)*."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            status, claims = get_auth_status(request), request.get(AUTH_CLAIMS)
+            helper = request.config_dict.get(JWTPLUS_HELPER)
+            scheme = helper.manager.scheme if helper is not None else "Bearer"
+            if status != "pass" or claims is None:
+                action = Action.FORBIDDEN if status == "rejected" else Action.UNAUTHORIZED
+                return _challenge(scheme, action, status)
+            if not check(claims):
+                return _challenge(scheme, failure, "invalid")
+            return await handler(request)
+
+        return guarded
+
+    return decorate
+
+
+login_required: Callable[[Handler], Handler] = _guard(lambda claims: True, Action.UNAUTHORIZED)
+"""Decorate a handler to answer 401 (or 403) unless the request carries an accepted token."""
+
+fresh_login_required: Callable[[Handler], Handler] = _guard(
+    lambda claims: claims.get("fresh") is True, Action.UNAUTHORIZED
+)
+"""Decorate a sensitive handler: 401 unless the token came from a password login, not a refresh."""
+
+
+def require(predicate: Callable[[dict[str, Any]], bool]) -> Callable[[Handler], Handler]:
+    """Decorate a handler to answer 403 ``insufficient_scope`` unless *predicate(claims)* holds."""
+    return _guard(predicate, Action.FORBIDDEN)
+
+
+def require_claims(**expected: Any) -> Callable[[Handler], Handler]:
+    """Decorate a handler to need these claim values: equal, an item of a list claim, or a word of a
+    space-separated ``scope``.
+
+    >>> require_claims(role="admin")  # doctest: +ELLIPSIS
+    <function ...>
+    """
+
+    def holds(claims: dict[str, Any]) -> bool:
+        for name, value in expected.items():
+            actual = claims.get(name)
+            in_list = isinstance(actual, list) and value in actual
+            in_scope = name == "scope" and isinstance(actual, str) and value in actual.split()
+            if not (actual == value or in_list or in_scope):
+                return False
+        return True
+
+    return require(holds)
 
 
 # ---- aiohttp wiring ----
@@ -1159,6 +1701,8 @@ class JWTHelper:
     _: KW_ONLY
     cookies: CookiePolicy | None = None
     """Also read the token from cookies under this policy (for browsers), with its CSRF check."""
+    sessions: Sessions | None = None
+    """Check every token against these sessions' revocation store."""
     manager: SecretManager = field(init=False, repr=False)
     """The secret manager in use (the given one, or a new one)."""
     rules: RoutingRules = field(init=False, repr=False)
@@ -1177,7 +1721,13 @@ class JWTHelper:
                 raise TypeError(f"{name} must be callable or None, got {value!r}")
         if self.cookies is not None and not isinstance(self.cookies, CookiePolicy):
             raise TypeError(f"cookies must be a CookiePolicy or None, got {self.cookies!r}")
-        manager = SecretManager() if self.secret_manager is None else self.secret_manager
+        if self.sessions is not None and not isinstance(self.sessions, Sessions):
+            raise TypeError(f"sessions must be a Sessions or None, got {self.sessions!r}")
+        manager = self.secret_manager
+        if self.sessions is not None and manager not in (None, self.sessions.manager):
+            raise ValueError("secret_manager and sessions.manager must be the same SecretManager")
+        if manager is None:
+            manager = self.sessions.manager if self.sessions is not None else SecretManager()
         if not isinstance(manager, SecretManager):
             raise TypeError(f"secret_manager must be a SecretManager or None, got {manager!r}")
         setattr_("manager", manager)
@@ -1199,6 +1749,7 @@ class JWTHelper:
             token_getter=self.token_getter,
             identifier=self.identifier,
             cookies=self.cookies,
+            sessions=self.sessions,
         )
 
     def post_jwt_router(self) -> Middleware:

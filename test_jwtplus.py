@@ -931,7 +931,14 @@ def test_logout_clears_both_cookies_under_both_spellings() -> None:
     response = web.Response()
     jwtplus.logout(response)
     headers = set_cookie_headers(response)
-    assert set(headers) == {"__Host-access_token", "access_token", "__Host-csrf_token", "csrf_token"}
+    assert set(headers) == {
+        "__Host-access_token",
+        "access_token",
+        "__Host-csrf_token",
+        "csrf_token",
+        "__Host-refresh_token",
+        "refresh_token",
+    }
     for name, header in headers.items():
         assert header.startswith(f'{name}="";') or header.startswith(f"{name}=;")
         assert "Max-Age=0" in header
@@ -1069,6 +1076,284 @@ async def test_a_custom_getter_in_a_chain_is_named_custom(make_client: Any) -> N
     client = await make_client(app=cookie_app(sm, ran, token_getter=getter))
     body = await (await client.get("/api/thing", headers={"X-Token": sm.encode({"username": "ann"})})).json()
     assert body == {"source": "custom", "status": "pass"}
+
+
+# ---- Sessions: token pairs, refresh, revocation, guards ----
+
+
+def sessions_for(**kwargs: Any) -> jwtplus.Sessions:
+    kwargs.setdefault("manager", manager())
+    return jwtplus.Sessions(**kwargs)
+
+
+def test_sessions_validate_their_configuration() -> None:
+    with pytest.raises(ValueError, match="access no longer than refresh"):
+        sessions_for(access_exptime="1d", refresh_exptime="1h")
+    with pytest.raises(ValueError, match="refresh_exptime='30d' is longer than the manager's exptime"):
+        sessions_for(manager=manager(refresh_interval="1h", exptime="1d"))
+    with pytest.raises(TypeError, match="store must be a RevocationStore"):
+        sessions_for(store={})
+    with pytest.raises(ValueError, match="max_entries"):
+        jwtplus.memory_store(max_entries=0)
+    with pytest.raises(ValueError, match="same SecretManager"):
+        JWTHelper(secret_manager=manager(), sessions=sessions_for())
+
+
+def test_a_pair_has_two_types_one_family_one_csrf() -> None:
+    sessions = sessions_for()
+    pair = jwtplus.issue_tokens(sessions, "user-1", {"username": "ann"}, now=NOW)
+    access, refresh = (sessions.manager.decode(t, now=NOW) for t in (pair.access, pair.refresh))
+    assert (access["type"], refresh["type"]) == ("access", "refresh")
+    assert access["fam"] == refresh["fam"] == pair.family
+    assert access["csrf"] == refresh["csrf"] == pair.csrf
+    assert access["sub"] == refresh["sub"] == "user-1"
+    assert access["username"] == refresh["username"] == "ann"
+    assert access["exp"] - NOW == 15 * 60
+    assert refresh["exp"] - NOW == 30 * 86400
+    assert access["fresh"] is True
+    assert access["jti"] != refresh["jti"]
+    with pytest.raises(ValueError, match="subject"):
+        jwtplus.issue_tokens(sessions, "")
+
+
+def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
+    cookies = jwtplus.CookiePolicy()
+    helper = JWTHelper(sessions=sessions, whitelist=("/refresh", "/login"), cookies=cookies)
+    routes = web.RouteTableDef()
+
+    @routes.post("/login")
+    async def login(request: web.Request) -> web.Response:
+        body = await request.json()
+        response = web.json_response({"ok": True})
+        pair = jwtplus.start_session(response, sessions, body["sub"], body.get("claims"), cookies=cookies)
+        response.text = json.dumps({"access": pair.access, "refresh": pair.refresh})
+        return response
+
+    @routes.post("/refresh")
+    async def refresh(request: web.Request) -> web.Response:
+        pair = await jwtplus.refresh_session(request, sessions, cookies=cookies)
+        response = web.json_response({"access": pair.access, "refresh": pair.refresh})
+        jwtplus.set_session_cookies(response, sessions, pair, cookies=cookies)
+        return response
+
+    @routes.post("/logout")
+    async def logout(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        await jwtplus.end_session(
+            request, sessions, cookies=cookies, everywhere=body.get("everywhere", False)
+        )
+        response = web.json_response({"ok": True})
+        jwtplus.logout(response, cookies=cookies)
+        return response
+
+    @routes.get("/me")
+    async def me(request: web.Request) -> web.Response:
+        ran.append("me")
+        return web.json_response({"sub": request[jwtplus.AUTH_CLAIMS]["sub"]})
+
+    @routes.post("/admin")
+    @jwtplus.require_claims(role="admin")
+    async def admin(request: web.Request) -> web.Response:
+        ran.append("admin")
+        return web.json_response({"ok": True})
+
+    @routes.post("/password")
+    @jwtplus.fresh_login_required
+    async def change_password(request: web.Request) -> web.Response:
+        ran.append("password")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.add_routes(routes)
+    return app
+
+
+async def log_in(client: Any, sub: str = "user-1", **claims: Any) -> dict[str, str]:
+    response = await client.post("/login", json={"sub": sub, "claims": {"username": sub, **claims}})
+    assert response.status == 200
+    return dict(await response.json())
+
+
+async def test_a_refresh_token_is_not_an_access_token_nor_the_reverse(make_client: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(), ran))
+    pair = await log_in(client)
+    assert (await client.get("/me", headers=bearer(pair["access"]))).status == 200
+    assert (await client.get("/me", headers=bearer(pair["refresh"]))).status == 401
+    assert (await client.post("/refresh", json={"refresh_token": pair["access"]})).status == 401
+    assert (await client.post("/refresh", json={"refresh_token": pair["refresh"]})).status == 200
+    assert ran == ["me"]
+
+
+async def test_refresh_rotates_within_the_family_and_a_reuse_kills_it(make_client: Any) -> None:
+    ran: list[str] = []
+    sessions = sessions_for()
+    client = await make_client(app=session_app(sessions, ran))
+    first = await log_in(client)
+    second = await (await client.post("/refresh", json={"refresh_token": first["refresh"]})).json()
+    claims = sessions.manager.decode(second["access"])
+    assert claims["fam"] == sessions.manager.decode(first["access"])["fam"]
+    assert claims["fresh"] is False
+    assert claims["username"] == "user-1"
+    third = await (await client.post("/refresh", json={"refresh_token": second["refresh"]})).json()
+    assert (await client.get("/me", headers=bearer(third["access"]))).status == 200
+    # the thief replays the first refresh token: the whole family dies, the rightful owner's tokens too
+    replay = await client.post("/refresh", json={"refresh_token": first["refresh"]})
+    assert replay.status == 401
+    assert replay.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+    for token in (first["access"], second["access"], third["access"]):
+        assert (await client.get("/me", headers=bearer(token))).status == 401
+    assert (await client.post("/refresh", json={"refresh_token": third["refresh"]})).status == 401
+    # another login is another family, untouched
+    other = await log_in(client)
+    assert (await client.get("/me", headers=bearer(other["access"]))).status == 200
+
+
+async def test_a_reuse_within_the_grace_is_refused_without_killing_the_family(make_client: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(reuse_grace="10s"), ran))
+    first = await log_in(client)
+    second = await (await client.post("/refresh", json={"refresh_token": first["refresh"]})).json()
+    assert (await client.post("/refresh", json={"refresh_token": first["refresh"]})).status == 401
+    assert (await client.get("/me", headers=bearer(second["access"]))).status == 200
+
+
+async def test_fifty_concurrent_refreshes_of_one_token_give_exactly_one_pair(make_client: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(), ran))
+    first = await log_in(client)
+    replies = await asyncio.gather(
+        *(client.post("/refresh", json={"refresh_token": first["refresh"]}) for _ in range(50))
+    )
+    assert sorted(reply.status for reply in replies) == [200] + [401] * 49
+
+
+async def test_logout_revokes_the_family_and_everywhere_revokes_the_subject(make_client: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(), ran))
+    phone, laptop = await log_in(client), await log_in(client)
+    logout = await client.post("/logout", headers=bearer(phone["access"]))
+    assert logout.status == 200
+    assert (await client.get("/me", headers=bearer(phone["access"]))).status == 401
+    assert (await client.post("/refresh", json={"refresh_token": phone["refresh"]})).status == 401
+    assert (await client.get("/me", headers=bearer(laptop["access"]))).status == 200
+    everywhere = await client.post("/logout", headers=bearer(laptop["access"]), json={"everywhere": True})
+    assert everywhere.status == 200
+    assert (await client.get("/me", headers=bearer(laptop["access"]))).status == 401
+    assert (await client.post("/refresh", json={"refresh_token": laptop["refresh"]})).status == 401
+
+
+async def test_revocation_is_checked_after_the_signature_and_keyed_by_jti() -> None:
+    sessions = sessions_for()
+    pair = jwtplus.issue_tokens(sessions, "user-1", now=NOW)
+    claims = sessions.manager.decode(pair.access, now=NOW)
+    await jwtplus.revoke_token(sessions, claims, now=NOW)
+    assert await jwtplus._is_revoked(sessions, claims, NOW)
+    assert await sessions.store.get_many([f"revoked:{claims['jti']}"], claims["exp"]) == [None]  # expired
+    other = sessions.manager.decode(jwtplus.issue_tokens(sessions, "user-1", now=NOW).access, now=NOW)
+    assert not await jwtplus._is_revoked(sessions, other, NOW)
+
+
+async def test_subject_cutoff_refuses_tokens_issued_up_to_its_second() -> None:
+    sessions = sessions_for()
+    before = sessions.manager.decode(jwtplus.issue_tokens(sessions, "u", now=NOW).access, now=NOW)
+    await jwtplus.revoke_subject(sessions, "u", now=NOW + 0.5)
+    after = sessions.manager.decode(jwtplus.issue_tokens(sessions, "u", now=NOW + 1).access, now=NOW + 1)
+    assert await jwtplus._is_revoked(sessions, before, NOW + 1)
+    assert not await jwtplus._is_revoked(sessions, after, NOW + 1)
+
+
+async def test_memory_store_drops_expired_entries_and_refuses_to_forget() -> None:
+    store = jwtplus.memory_store(max_entries=2)
+    await store.put("a", 1.0, NOW + 10, NOW)
+    assert await store.consume("b", 2.0, NOW + 20, NOW) is None
+    assert await store.consume("b", 3.0, NOW + 20, NOW) == 2.0
+    with pytest.raises(jwtplus.StoreFullError):
+        await store.put("c", 1.0, NOW + 30, NOW)
+    assert await store.get_many(["a", "b"], NOW) == [1.0, 2.0]
+    await store.put("c", 1.0, NOW + 30, NOW + 10)  # "a" expired, so there is room
+    assert await store.get_many(["a", "b", "c"], NOW + 10) == [None, 2.0, 1.0]
+
+
+def broken_store() -> jwtplus.RevocationStore:
+    async def fail(*args: Any) -> Any:
+        raise ConnectionError("store is down")
+
+    return jwtplus.RevocationStore(fail, fail, fail)
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+async def test_a_store_that_cannot_be_reached_fails_closed_unless_told(
+    make_client: Any, fail_open: bool
+) -> None:
+    ran: list[str] = []
+    working = sessions_for()
+    pair = jwtplus.issue_tokens(working, "user-1", {"username": "ann"})
+    down = jwtplus.Sessions(manager=working.manager, store=broken_store(), fail_open=fail_open)
+    client = await make_client(app=session_app(down, ran))
+    me = await client.get("/me", headers=bearer(pair.access))
+    assert me.status == (200 if fail_open else 503)
+    if not fail_open:
+        assert await me.json() == {"error": "unavailable"}
+        assert me.headers["Retry-After"] == "5"
+    refresh = await client.post("/refresh", json={"refresh_token": pair.refresh})
+    assert refresh.status == 503  # a refresh always needs the store: never mint without consuming
+    assert (await client.post("/logout", headers=bearer(pair.access))).status == 503  # cannot revoke
+    assert (await client.get("/me")).status == 401  # no token: nothing to look up
+
+
+async def test_guards_answer_401_and_403_before_the_handler(make_client: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(), ran))
+    user, admin = await log_in(client, "ann"), await log_in(client, "root", role="admin")
+    assert (await client.post("/admin")).status == 401
+    forbidden = await client.post("/admin", headers=bearer(user["access"]))
+    assert forbidden.status == 403
+    assert forbidden.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
+    assert (await client.post("/admin", headers=bearer(admin["access"]))).status == 200
+    assert ran == ["admin"]
+
+
+async def test_fresh_login_required_refuses_refreshed_tokens(make_client: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(), ran))
+    fresh = await log_in(client)
+    refreshed = await (await client.post("/refresh", json={"refresh_token": fresh["refresh"]})).json()
+    assert (await client.post("/password", headers=bearer(refreshed["access"]))).status == 401
+    assert (await client.post("/password", headers=bearer(fresh["access"]))).status == 200
+    assert ran == ["password"]
+
+
+def test_require_claims_reads_lists_and_scopes() -> None:
+    holds = jwtplus.require_claims(scope="write", roles="admin")
+    assert callable(holds)
+    check = jwtplus.require_claims(scope="write")
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    assert check(handler).__name__ == "handler"  # functools.wraps
+
+
+async def test_cookie_sessions_refresh_with_csrf_and_log_out(make_client: Any) -> None:
+    ran: list[str] = []
+    sessions = sessions_for()
+    client = await make_client(app=session_app(sessions, ran))
+    login = await client.post("/login", json={"sub": "ann"})
+    jar = {morsel.key: morsel.value for morsel in login.cookies.values()}
+    assert set(jar) == {"__Host-access_token", "__Host-refresh_token", "__Host-csrf_token"}
+    refresh_cookie = login.cookies["__Host-refresh_token"]
+    assert refresh_cookie["httponly"] is True
+    assert refresh_cookie["samesite"] == "Strict"
+    cookie = "; ".join(f"{k}={v}" for k, v in jar.items())
+    refused = await client.post("/refresh", headers={"Cookie": cookie})  # no CSRF header
+    assert refused.status == 401
+    renewed = await client.post(
+        "/refresh", headers={"Cookie": cookie, "X-CSRF-Token": jar["__Host-csrf_token"]}
+    )
+    assert renewed.status == 200
+    assert renewed.cookies["__Host-csrf_token"].value != jar["__Host-csrf_token"]
 
 
 # ---- Hardening: a hostile client's tokens, headers and paths ----

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hmac
 import http.client
 import itertools
@@ -57,7 +58,7 @@ from servers import BODY, LOOPS, MODE_LABELS, MODES, PATH  # noqa: E402
 PATTERNS = ("reused", "fresh")
 TOKEN_MODES = frozenset({"jwtplus", "aiohttp-jwt", "pyjwt"})
 """Modes that verify the token, so a repeated "fresh" token could be a cache hit for them."""
-OPTIONAL_MODES = {"aiohttp-jwt": "aiohttp_jwt"}
+OPTIONAL_MODES = frozenset({"aiohttp-jwt"})
 """Peers left out (with the reason printed) when they cannot even start; anything else aborts."""
 CLAIMS = {"username": "bench"}
 TIMES = "\N{MULTIPLICATION SIGN}"
@@ -136,6 +137,21 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
+def jwtplus_revision() -> str:
+    """The checkout's commit, and whether jwtplus.py differs from it ("" outside a git checkout)."""
+    git, root = shutil.which("git"), HERE.parent
+    if git is None or not (root / ".git").exists():
+        return ""
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=False, cwd=root)
+    commit = run([git, "rev-parse", "--short", "HEAD"]).stdout.strip()
+    dirty = run([git, "status", "--porcelain", "--", "jwtplus.py"]).stdout.strip()
+    return f" (git {commit}{', jwtplus.py modified' if dirty else ''})" if commit else ""
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def describe_machine(wrk: str) -> list[str]:
     cpu = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -145,13 +161,12 @@ def describe_machine(wrk: str) -> list[str]:
                 break
     wrk_out = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False).stdout  # noqa: S603
     wrk_version = wrk_out.split()[1] if len(wrk_out.split()) > 1 else "unknown"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        f"load average at start {load}",
+        f"load average at start {load_average()}",
         f"Python {platform.python_version()}, aiohttp {_version('aiohttp')}, PyJWT {_version('PyJWT')}, "
         f"uvloop {_version('uvloop')}, aiohttp-jwt {_version('aiohttp-jwt')}, "
-        f"jwtplus {_version('aiohttp-jwtplus')}, wrk {wrk_version}",
+        f"jwtplus {_version('aiohttp-jwtplus')}{jwtplus_revision()}, wrk {wrk_version}",
     ]
 
 
@@ -252,9 +267,9 @@ def _read_port(server: Server, timeout: float = 30) -> int:
     if line.strip().isdigit():
         return int(line)
     server.log.seek(0)
-    tail = server.log.read().strip().splitlines()[-3:]
+    last_line = (server.log.read().strip().splitlines() or ["(no output)"])[-1]
     what = "did not start" if ready else f"did not print its port within {timeout:.0f} s"
-    raise BenchError(f"the {server.mode} server ({server.loop}) {what}: " + " / ".join(tail))
+    raise BenchError(f"the {server.mode} server ({server.loop} loop) {what}: {last_line}")
 
 
 def stop_server(server: Server) -> None:
@@ -289,7 +304,7 @@ def check(server: Server, token: str) -> None:
     if status != 200 or body != BODY.encode():
         raise BenchError(
             f"{MODE_LABELS[server.mode]} ({server.loop}) answered {status} {body[:120]!r} to a valid token, "
-            f'not 200 "{BODY}": a benchmark of refused requests measures nothing, so none was run'
+            f'not 200 "{BODY}": a benchmark of refused requests measures nothing, so it stops here'
         )
 
 
@@ -419,7 +434,8 @@ def report(
     lines = [
         "# jwtplus benchmark",
         "",
-        f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench` (bench/run.py).",
+        f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by bench/run.py (`make bench`); "
+        f"load average at the end {load_average()}.",
         "",
         *(f"- {line}" for line in machine),
         f"- one server process per mode and loop on CPU {args.server_cpu}, wrk on CPU {args.wrk_cpu} "
@@ -428,8 +444,8 @@ def report(
         f"- {args.rounds} round(s); in each, every mode runs {args.warmup} s of warmup then "
         f"{args.duration} s measured, in an order rotated from round to round",
         '- tokens: "reused" sends the same valid token on every request; "fresh" a different one on '
-        f"every request ({tokens.count:,} distinct tokens; no server sees one twice"
-        + (f", except {', '.join(repeated)}" if repeated else "")
+        f"every request ({tokens.count:,} distinct tokens; "
+        + (f"too few: {', '.join(repeated)} saw some twice" if repeated else "no server saw one twice")
         + ")",
         "",
         "Median requests per second, and its ratio to bare aiohttp's median in the same column:",
