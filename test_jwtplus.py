@@ -2842,10 +2842,12 @@ async def run_script(script: Path, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-async def fetch(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, str]:
+async def fetch(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET", json_body: Any = None
+) -> tuple[int, str]:
     async with (
         ClientSession(timeout=HTTP_TIMEOUT) as session,
-        session.request(method, url, headers=headers) as response,
+        session.request(method, url, headers=headers, json=json_body) as response,
     ):
         return response.status, await response.text()
 
@@ -3186,6 +3188,20 @@ async def test_the_spa_demo_in_a_real_browser(spawn: Spawn, tmp_path: Path) -> N
             status = await page.evaluate("async () => (await fetch('/api/setattr', {method: 'POST'})).status")
             assert status == 403
 
+            # jacky is no admin: the admin-only action answers 403.
+            await page.click("#admin-action")
+            await page.wait_for_function("document.getElementById('result').textContent.startsWith('403')")
+
+            # The access token expires (its cookie is dropped): the page renews it silently.
+            refresh_before = cookies["__Host-refresh_token"]["value"]
+            await context.clear_cookies(name="__Host-access_token")
+            await page.goto(f"{demo.url}/index.html")  # logged out for a moment: the login page...
+            await page.wait_for_selector("#app-page")  # ...renews and comes back to the app
+            await page.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+            renewed = {cookie["name"]: cookie["value"] for cookie in await context.cookies()}
+            assert renewed["__Host-refresh_token"] != refresh_before
+            assert "__Host-access_token" in renewed
+
             # A page on another origin (a second port) that POSTs with credentials is refused.
             # The fetch's answer is hidden from the attacker's script (CORS), so read the demo's access log.
             evil = await context.new_page()
@@ -3201,11 +3217,25 @@ async def test_the_spa_demo_in_a_real_browser(spawn: Spawn, tmp_path: Path) -> N
             assert await attacker_posts(demo, attacker) == ["403", "403"]
             await evil.close()
 
-            # Log out: the app shows the login page again, and the cookies are gone.
+            # Log out: the app shows the login page again, the cookies are gone, the family is revoked.
+            refresh_last = renewed["__Host-refresh_token"]
             async with page.expect_navigation():
                 await page.click("#logout")
             await page.wait_for_selector("#login-form")
             assert page.url == f"{demo.url}/index.html"
             assert not [c for c in await context.cookies() if "token" in c["name"]]
+            status, _ = await fetch(
+                f"{demo.url}/api/refresh", method="POST", json_body={"refresh_token": refresh_last}
+            )
+            assert status == 401
+
+            # The admin may do the admin-only action.
+            await page.fill("#username", "admin")
+            await page.fill("#password", "jwtplus-admin")
+            async with page.expect_navigation():
+                await page.click("button[type=submit]")
+            await page.wait_for_function("document.getElementById('user').textContent === 'admin'")
+            await page.click("#admin-action")
+            await page.wait_for_function("document.getElementById('result').textContent.startsWith('200')")
         finally:
             await browser.close()

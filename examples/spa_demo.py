@@ -1,11 +1,13 @@
-"""A small real SPA behind jwtplus: log in with a form, see who you are, call a protected API, log out.
+"""A small real SPA behind jwtplus: log in with a form, see who you are, call protected APIs, log out.
 
     python examples/spa_demo.py --host 127.0.0.1 --port 8080    # or: make demo
 
-The browser never sees the token: it lives in an HttpOnly cookie. Unsafe requests
-echo the script-readable CSRF cookie in the X-CSRF-Token header. The routing table is
-the seed's: logged out, /index.html shows the login page; logged in, /login.html
-shows the app; unknown paths fall back to one or the other.
+The browser never sees a token: the short access token and the long refresh token
+live in HttpOnly cookies. Unsafe requests echo the script-readable CSRF cookie in
+the X-CSRF-Token header. When the access token expires, the page renews it
+silently with the refresh token; logging out revokes the whole login family. The
+routing table is the seed's: logged out, /index.html shows the login page; logged
+in, /login.html shows the app; unknown paths fall back to one or the other.
 """
 
 from __future__ import annotations
@@ -23,17 +25,18 @@ from aiohttp import web
 import jwtplus
 
 PAGES = Path(__file__).parent / "spa"
-DEMO_USERS = {"jacky": "jwtplus-demo"}  # the demo's only account; printed at start-up and in the README
+# The demo's accounts (name: password, role), printed at start-up and in the README.
+DEMO_USERS = {"jacky": ("jwtplus-demo", "user"), "admin": ("jwtplus-admin", "admin")}
 
 
 def _scrypt(password: str, salt: bytes) -> bytes:
     return hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
 
 
-def make_user_store(users: dict[str, str]) -> dict[str, tuple[bytes, bytes]]:
+def make_user_store(users: dict[str, tuple[str, str]]) -> dict[str, tuple[bytes, bytes]]:
     """Username -> (salt, scrypt hash): what a real app keeps in its database."""
     store = {}
-    for name, password in users.items():
+    for name, (password, _role) in users.items():
         salt = secrets.token_bytes(16)
         store[name] = (salt, _scrypt(password, salt))
     return store
@@ -59,17 +62,21 @@ async def login_page(request: web.Request) -> web.Response:
     return page("login.html")
 
 
-def make_app(cookies: jwtplus.CookiePolicy, secret: str | bytes = "") -> web.Application:
-    manager = jwtplus.SecretManager(secret=secret, exptime="1h")
+def make_app(
+    cookies: jwtplus.CookiePolicy, *, secret: str | bytes = "", access_exptime: str = "15m"
+) -> web.Application:
+    sessions = jwtplus.Sessions(
+        manager=jwtplus.SecretManager(secret=secret), access_exptime=access_exptime, refresh_exptime="30d"
+    )
     store = make_user_store(DEMO_USERS)
     helper = jwtplus.JWTHelper(
         unauthorized_return_route="/login.html",
         unauthorized_return_route_handler=login_page,
         authorized_return_page_handler=index_page,
-        secret_manager=manager,
-        whitelist=("/api/login",),
+        whitelist=("/api/login", "/api/refresh"),
         protected_apis=("/api/.*",),
         cookies=cookies,
+        sessions=sessions,
     )
     routes = web.RouteTableDef()
 
@@ -87,20 +94,35 @@ def make_app(cookies: jwtplus.CookiePolicy, secret: str | bytes = "") -> web.App
         if not check_password(store, username, password):
             return web.json_response({"error": "wrong username or password"}, status=401)
         response = web.json_response({"username": username})
-        jwtplus.login(response, manager, {"username": username}, cookies=cookies)
+        claims = {"username": username, "role": DEMO_USERS[username][1]}
+        jwtplus.start_session(response, sessions, username, claims, cookies=cookies)
+        return response
+
+    @routes.post("/api/refresh")
+    async def api_refresh(request: web.Request) -> web.Response:
+        pair = await jwtplus.refresh_session(request, sessions, cookies=cookies)  # 401 unless it may
+        response = web.json_response({"ok": True})
+        jwtplus.set_session_cookies(response, sessions, pair, cookies=cookies)
         return response
 
     @routes.get("/api/me")
     async def api_me(request: web.Request) -> web.Response:
-        return web.json_response({"username": request[jwtplus.AUTH_CARRY]["username"]})
+        claims = request[jwtplus.AUTH_CARRY]
+        return web.json_response({"username": claims["username"], "role": claims["role"]})
 
     @routes.post("/api/setattr")
     async def api_setattr(request: web.Request) -> web.Response:
         user = request[jwtplus.AUTH_CARRY]["username"]
         return web.json_response({"ok": True, "message": f"attribute set for {user}"})
 
+    @routes.post("/api/admin")
+    @jwtplus.require_claims(role="admin")
+    async def api_admin(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "message": "admin action done"})
+
     @routes.post("/api/logout")
     async def api_logout(request: web.Request) -> web.Response:
+        await jwtplus.end_session(request, sessions, cookies=cookies)  # revokes the login family
         response = web.json_response({"ok": True})
         jwtplus.logout(response, cookies=cookies)
         return response
@@ -119,6 +141,9 @@ def main() -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--access-exptime", default="15m", help="access token lifetime, e.g. 30s to watch renewals"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the access log, and jwtplus's refusals
     # The demo serves plain http on 127.0.0.1, which browsers treat as a secure context, so the
@@ -126,9 +151,10 @@ def main() -> None:
     cookies = jwtplus.CookiePolicy()
     url = f"http://{args.host}:{args.port}"
     print(f"jwtplus SPA demo on {url}/index.html - log in as", flush=True)
-    for name, password in DEMO_USERS.items():
-        print(f"    username: {name}    password: {password}", flush=True)
-    web.run_app(make_app(cookies), host=args.host, port=args.port, print=None)
+    for name, (password, role) in DEMO_USERS.items():
+        print(f"    username: {name:<6} password: {password:<14} ({role})", flush=True)
+    app = make_app(cookies, access_exptime=args.access_exptime)
+    web.run_app(app, host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":
