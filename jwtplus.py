@@ -42,6 +42,7 @@ import re
 import secrets
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
@@ -74,6 +75,7 @@ __all__ = (
     "key_for_period",
     "period_of",
     # encode / decode
+    "cached_decoder",
     "decode_token",
     "encode_token",
     # request keys
@@ -712,6 +714,41 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
     raises ``jwt.InvalidTokenError`` or a subclass (``jwt.ExpiredSignatureError``
     when expired).
     """
+    return _verify(manager, token, time.time() if now is None else now)[0]
+
+
+def cached_decoder(manager: SecretManager, *, size: int = 10_000) -> Callable[[str, float], dict[str, Any]]:
+    """Return ``decode(token, now)``: :func:`decode_token` behind a bounded LRU of verified tokens.
+
+    Keyed by the exact token string, a hit re-checks the instant the token
+    stops being valid (its ``exp``, and its rotation window) against *now*, so
+    a cached token never outlives its validity; failures are never cached.
+    Each call returns a fresh copy of the claims. *size* 0 disables the cache.
+    """
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"size={size!r} must be a whole number of tokens (0: no cache)")
+    if size == 0:
+        return lambda token, now: _verify(manager, token, now)[0]
+    cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
+
+    def decode(token: str, now: float) -> dict[str, Any]:
+        hit = cache.get(token)
+        if hit is not None and now < hit[1]:
+            cache.move_to_end(token)
+            return dict(hit[0])
+        claims, deadline = _verify(manager, token, now)
+        cache[token] = (claims, deadline)
+        cache.move_to_end(token)
+        if len(cache) > size:
+            cache.popitem(last=False)
+        return dict(claims)
+
+    return decode
+
+
+def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dict[str, Any], float]:
+    """:func:`decode_token`'s work at *now*: the claims, and the first instant the token is no longer
+    valid (its ``exp``, or its rotation window's end, plus the leeway), for the cache."""
     if isinstance(token, bytes):
         token = token.decode("ascii", "replace")
     if not isinstance(token, str):
@@ -720,18 +757,18 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
         raise TokenTooLargeError("the token is too large")
     if not _COMPACT_JWS.fullmatch(token) or not _canonical_b64(token[token.rindex(".") + 1 :]):
         raise jwt.DecodeError("the token is not three unpadded base64url segments")
-    now = time.time() if now is None else now
     try:
         header = _JWS.get_unverified_header(token)
     except RecursionError:
         raise jwt.DecodeError("the header is nested too deeply") from None
     if header.get("alg") != manager.algorithm:
         raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
-    key, window = manager._key, 0
+    key, window, window_end = manager._key, 0, math.inf
     if manager.refresh_seconds:  # exactly one key may verify: its period's, named by kid
         period = _period_of_kid(header)
         window = _window(manager, period, now)
         key = (key_for_period if window == 0 else _uncached_key)(manager, period)
+        window_end = (period + 1) * manager.refresh_seconds + manager.exptime_seconds + manager.leeway_seconds
     signed = _JWS.decode_complete(token, key, algorithms=[manager.algorithm])
     if window < 0:
         raise KeyIdError("the token's key period has not started")
@@ -744,7 +781,7 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
     if not isinstance(claims, dict):
         raise jwt.DecodeError("the payload is not a JSON object")
     _check_claims(manager, claims, now)
-    return claims
+    return claims, min(claims["exp"] + manager.leeway_seconds, window_end)
 
 
 # ---- Request keys ----
@@ -956,6 +993,7 @@ async def authenticate(
     *,
     cookies: CookiePolicy = DEFAULT_COOKIES,
     sessions: Sessions | None = None,
+    decode: Callable[[str, float], dict[str, Any]] | None = None,
     now: float | None = None,
 ) -> AuthResult:
     """Find, verify and identify the request's token; never raises.
@@ -966,8 +1004,10 @@ async def authenticate(
     raised, or a cookie-borne unsafe request failed the CSRF check),
     "unavailable" (the store could not be reached, unless fail-open) or
     "pass", with the identifier's result as ``carry``. Failures are logged
-    without the token.
+    without the token. *decode* is :func:`decode_token` for *manager* unless
+    given (say a :func:`cached_decoder`).
     """
+    now = time.time() if now is None else now
     try:
         token = await _maybe_await(token_getter(request))
     except AmbiguousTokenError:
@@ -978,7 +1018,7 @@ async def authenticate(
     if token is None or token == "":
         return _MISSING
     try:
-        payload = decode_token(manager, token, now=now)
+        payload = decode(token, now) if decode is not None else _verify(manager, token, now)[0]
     except jwt.ExpiredSignatureError:
         return _EXPIRED
     except jwt.InvalidTokenError as exc:
@@ -995,7 +1035,7 @@ async def authenticate(
         return _REJECTED
     if sessions is not None:
         try:
-            if await _is_revoked(sessions, payload, time.time() if now is None else now):
+            if await _is_revoked(sessions, payload, now):
                 return _INVALID
         except Exception:
             _log.warning(
@@ -1155,6 +1195,7 @@ def identifier_middleware(
     identifier: Identifier | None = None,
     cookies: CookiePolicy | None = None,
     sessions: Sessions | None = None,
+    cache_size: int = 10_000,
 ) -> Middleware:
     """Return the middleware that identifies each request and stores the result.
 
@@ -1165,7 +1206,8 @@ def identifier_middleware(
     cookie too; the default identifier is :func:`basic_identifier`. Unsafe
     requests whose token came from a cookie must pass the CSRF check of
     *cookies* (or of the default policy). Given *sessions*, every token is
-    checked against its revocation store.
+    checked against its revocation store. Verified tokens are remembered in a
+    :func:`cached_decoder` of *cache_size* entries (0: none).
     """
     if token_getter is None or token_getter is basic_token_getter:
         token_getter = header_token_getter(manager.scheme)
@@ -1173,11 +1215,12 @@ def identifier_middleware(
             token_getter = any_token_getter(token_getter, cookie_token_getter(cookies.token_cookie))
     identify = identifier or basic_identifier
     policy = cookies or DEFAULT_COOKIES
+    decode = cached_decoder(manager, size=cache_size)
 
     @web.middleware
     async def jwt_identifier(request: web.Request, handler: Handler) -> web.StreamResponse:
         result = await authenticate(
-            request, manager, token_getter, identify, cookies=policy, sessions=sessions
+            request, manager, token_getter, identify, cookies=policy, sessions=sessions, decode=decode
         )
         request[AUTH_STATUS] = result.status
         request[AUTH_CARRY] = result.carry
@@ -1703,6 +1746,8 @@ class JWTHelper:
     """Also read the token from cookies under this policy (for browsers), with its CSRF check."""
     sessions: Sessions | None = None
     """Check every token against these sessions' revocation store."""
+    cache_size: int = 10_000
+    """How many verified tokens to remember (see :func:`cached_decoder`); 0: none."""
     manager: SecretManager = field(init=False, repr=False)
     """The secret manager in use (the given one, or a new one)."""
     rules: RoutingRules = field(init=False, repr=False)
@@ -1750,6 +1795,7 @@ class JWTHelper:
             identifier=self.identifier,
             cookies=self.cookies,
             sessions=self.sessions,
+            cache_size=self.cache_size,
         )
 
     def post_jwt_router(self) -> Middleware:

@@ -1356,6 +1356,77 @@ async def test_cookie_sessions_refresh_with_csrf_and_log_out(make_client: Any) -
     assert renewed.cookies["__Host-csrf_token"].value != jar["__Host-csrf_token"]
 
 
+# ---- The verified-token cache ----
+
+
+def counting_verify(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count real verifications (cache misses) by wrapping jwtplus._verify."""
+    calls: list[str] = []
+    real = jwtplus._verify
+
+    def verify(manager: SecretManager, token: Any, now: float) -> Any:
+        calls.append(token)
+        return real(manager, token, now)
+
+    monkeypatch.setattr(jwtplus, "_verify", verify)
+    return calls
+
+
+def test_cache_hits_skip_verification_and_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_verify(monkeypatch)
+    sm = manager()
+    decode = jwtplus.cached_decoder(sm, size=2)
+    a, b, c = (sm.encode({"n": n}, now=NOW) for n in range(3))
+    for token in (a, a, b, a, c, a, b):
+        decode(token, NOW + 1)
+    assert calls == [a, b, c, b]  # a stayed (used most recently), b was evicted by c
+    with pytest.raises(ValueError, match="size"):
+        jwtplus.cached_decoder(sm, size=-1)
+
+
+def test_a_cached_token_never_outlives_its_exp(monkeypatch: pytest.MonkeyPatch) -> None:
+    sm = manager(exptime=60, leeway=5)
+    decode = jwtplus.cached_decoder(sm)
+    token = sm.encode({}, now=NOW)
+    assert decode(token, NOW + 64.9)["iat"] == NOW
+    with pytest.raises(jwt.ExpiredSignatureError):
+        decode(token, NOW + 65)
+
+
+def test_a_cached_token_never_outlives_its_rotation_window() -> None:
+    sm = manager(refresh_interval=100, exptime=50)
+    decode = jwtplus.cached_decoder(sm)
+    token = sm.encode({"exp": NOW + 10_000}, now=NOW)
+    end = (jwtplus.period_of(NOW, 100) + 1) * 100 + 50
+    assert decode(token, end - 0.001)
+    with pytest.raises(jwt.ExpiredSignatureError):
+        decode(token, end)
+
+
+def test_failures_are_never_cached_and_hits_are_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_verify(monkeypatch)
+    sm = manager()
+    decode = jwtplus.cached_decoder(sm)
+    bad = tampered(sm.encode({"username": "ann"}, now=NOW))
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidSignatureError):
+            decode(bad, NOW)
+    assert calls == [bad, bad]
+    good = sm.encode({"username": "ann"}, now=NOW)
+    decode(good, NOW)["username"] = "mallory"
+    assert decode(good, NOW)["username"] == "ann"
+
+
+async def test_a_cached_token_is_still_checked_for_revocation(make_client: Any) -> None:
+    ran: list[str] = []
+    sessions = sessions_for()
+    client = await make_client(app=session_app(sessions, ran))
+    pair = await log_in(client)
+    assert (await client.get("/me", headers=bearer(pair["access"]))).status == 200  # now cached
+    await jwtplus.revoke_token(sessions, sessions.manager.decode(pair["access"]))
+    assert (await client.get("/me", headers=bearer(pair["access"]))).status == 401
+
+
 # ---- Hardening: a hostile client's tokens, headers and paths ----
 # Hardening tests for jwtplus (issue 2, sections 3 and 5): a hostile client's view.
 #
