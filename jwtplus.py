@@ -947,6 +947,11 @@ def _revocation_keys(claims: Mapping[str, Any]) -> list[str]:
     return keys
 
 
+def _store_failed(exc: Exception, outcome: str) -> None:
+    """Log a store failure in one line: its kind and message (never a token), and what came of it."""
+    _log.warning("jwtplus: the revocation store failed (%s: %s); %s", type(exc).__name__, exc, outcome)
+
+
 async def _is_revoked(sessions: Sessions, claims: Mapping[str, Any], now: float) -> bool:
     """Whether the store revokes *claims*: by jti, by family, or by a cutoff at or after its ``iat``.
 
@@ -1037,9 +1042,9 @@ async def authenticate(
         try:
             if await _is_revoked(sessions, payload, now):
                 return _INVALID
-        except Exception:
-            _log.warning(
-                "jwtplus: the revocation store failed (%s)", "fail-open" if sessions.fail_open else "503"
+        except Exception as exc:
+            _store_failed(
+                exc, "request accepted (fail-open)" if sessions.fail_open else "request refused (503)"
             )
             if not sessions.fail_open:
                 return _UNAVAILABLE
@@ -1506,8 +1511,8 @@ async def refresh_session(
             raise _unauthorized(scheme)
     except web.HTTPException:
         raise
-    except Exception:
-        _log.warning("jwtplus: the revocation store failed during a refresh", exc_info=True)
+    except Exception as exc:
+        _store_failed(exc, "refresh refused (503)")
         raise _unavailable() from None
     kept = {k: v for k, v in claims.items() if k not in _REGISTERED_CLAIMS}
     return issue_tokens(sessions, subject, kept, family=family, fresh=False, now=now)
@@ -1564,8 +1569,8 @@ async def end_session(
             await revoke_family(sessions, claims["fam"], now=now)
         else:
             await revoke_token(sessions, claims, now=now)
-    except Exception:
-        _log.warning("jwtplus: the revocation store failed during a logout", exc_info=True)
+    except Exception as exc:
+        _store_failed(exc, "logout refused (503)")
         raise _unavailable() from None
 
 

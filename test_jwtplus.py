@@ -22,13 +22,15 @@ import math
 import os
 import re
 import secrets
+import shutil
+import signal
 import socket
 import sys
 import time
 import urllib.parse
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,11 +38,11 @@ from typing import Any, NamedTuple
 import jwt
 import pytest
 import yarl
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 import jwtplus
 from jwtplus import Action, JWTHelper, RoutingRules, SecretManager, decide
@@ -3310,3 +3312,586 @@ async def test_the_spa_demo_in_a_real_browser(spawn: Spawn, tmp_path: Path) -> N
             await page.wait_for_function("document.getElementById('result').textContent.startsWith('200')")
         finally:
             await browser.close()
+
+
+# -- Redis: two real app processes sharing one real redis-server --
+#
+# The fixture starts its own redis-server on a free loopback port, without persistence
+# (--save '' --appendonly no): a restarted server starts empty. An outage with the data kept
+# is a paused server (SIGSTOP: connections hang until the client's socket timeout); a real
+# stop is SIGTERM, then the same port again.
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_SKIP = "needs redis-server on PATH (.ci/run installs it with apt-get install redis-server)"
+REDIS_SOCKET_TIMEOUT = 0.5  # the app servers' redis-py socket timeouts: a hung Redis costs this per call
+
+
+@dataclass
+class RedisServer:
+    """A redis-server subprocess on 127.0.0.1:*port*, to stop, pause and start again."""
+
+    port: int
+    directory: Path
+    proc: asyncio.subprocess.Process | None = None
+    paused: bool = False
+    starts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def log(self) -> str:
+        return "".join(
+            f"---- redis-server run {n} ----\n{path.read_text(errors='replace')}"
+            for n in range(1, self.starts + 1)
+            if (path := self.directory / f"redis-{n}.log").exists()
+        )
+
+    async def start(self) -> None:
+        """Start it (again, on the same port) and wait until it answers PING."""
+        assert self.proc is None or self.proc.returncode is not None, "redis-server is already running"
+        assert REDIS_SERVER is not None
+        self.starts += 1
+        with (self.directory / f"redis-{self.starts}.log").open("wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        self.paused = False
+        deadline = time.monotonic() + START_TIMEOUT
+        while not await self.ping():
+            if self.proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not answer PING within {START_TIMEOUT}s\n{self.log()}")
+            await asyncio.sleep(0.02)
+
+    async def ping(self) -> bool:
+        """Whether it answers PING with PONG right now (within a second)."""
+
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            try:
+                writer.write(b"PING\r\n")
+                await writer.drain()
+                return await reader.readline()
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+        try:
+            return await asyncio.wait_for(exchange(), 1) == b"+PONG\r\n"
+        except (OSError, asyncio.TimeoutError):  # not the builtin before Python 3.11
+            return False
+
+    def pause(self) -> None:
+        """An outage that keeps the data: the process stops (SIGSTOP), its connections hang."""
+        assert self.proc is not None
+        assert self.proc.returncode is None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        assert self.paused
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    async def stop(self) -> None:
+        """A real stop (SIGTERM, SIGKILL after STOP_TIMEOUT); without persistence its data is gone."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        if self.paused:
+            self.resume()
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            self.proc.kill()
+            await self.proc.wait()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server of this test's own, killed at teardown whatever state it is left in."""
+    if REDIS_SERVER is None:
+        pytest.skip(REDIS_SKIP)
+    pytest.importorskip("redis.asyncio", reason="needs redis-py (pip install 'aiohttp-jwtplus[test]')")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(free_port(), directory)
+    try:
+        await server.start()
+        yield server
+    finally:
+        if server.proc is not None and server.proc.returncode is None:
+            server.proc.kill()  # SIGKILL ends a paused (SIGSTOPped) process too
+            await server.proc.wait()
+        print(server.log())  # shown by pytest when the test failed
+
+
+SESSION_SERVER = '''\
+"""An API on jwtplus sessions kept in Redis: the secret comes from JWTPLUS_TEST_SECRET."""
+
+import argparse
+import json
+import logging
+import os
+
+import redis.asyncio
+from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+import jwtplus
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--name", required=True)
+parser.add_argument("--redis-url", required=True)
+parser.add_argument("--fail-mode", choices=("closed", "open"), required=True)
+parser.add_argument("--socket-timeout", type=float, required=True)
+args = parser.parse_args()
+
+# every record on stderr, one "LOG" head line each (tracebacks follow their head line)
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
+
+
+async def make_app() -> web.Application:
+    client = redis.asyncio.Redis.from_url(
+        args.redis_url,
+        socket_timeout=args.socket_timeout,
+        socket_connect_timeout=args.socket_timeout,
+        retry=Retry(NoBackoff(), 0),  # one attempt: a request waits one timeout, not several
+    )
+    sessions = jwtplus.Sessions(
+        manager=jwtplus.SecretManager(secret=os.environ["JWTPLUS_TEST_SECRET"]),
+        store=jwtplus.redis_store(client),
+        fail_open=args.fail_mode == "open",
+    )
+    helper = jwtplus.JWTHelper(sessions=sessions, whitelist=("/login", "/refresh"))
+    routes = web.RouteTableDef()
+
+    @routes.post("/login")
+    async def login(request: web.Request) -> web.Response:
+        body = await request.json()
+        response = web.json_response({})
+        pair = jwtplus.start_session(response, sessions, body["sub"], {"username": body["sub"]})
+        response.text = json.dumps({"access": pair.access, "refresh": pair.refresh})
+        return response
+
+    @routes.post("/refresh")
+    async def refresh(request: web.Request) -> web.Response:
+        pair = await jwtplus.refresh_session(request, sessions)
+        return web.json_response({"access": pair.access, "refresh": pair.refresh})
+
+    @routes.post("/logout")
+    async def logout(request: web.Request) -> web.Response:
+        await jwtplus.end_session(request, sessions)
+        return web.json_response({"ok": True})
+
+    @routes.get("/me")
+    async def me(request: web.Request) -> web.Response:
+        claims = request[jwtplus.AUTH_CLAIMS]
+        return web.json_response({"server": args.name, "sub": claims["sub"]})
+
+    async def redis_client(app: web.Application):
+        yield
+        await client.aclose()
+
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(redis_client)
+    return app
+
+
+web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log_format='"%r" %s')
+'''
+
+
+class Answer(NamedTuple):
+    status: int
+    body: Any  # the parsed JSON, else the text
+    headers: CIMultiDictProxy[str]
+
+
+@dataclass
+class SessionServer:
+    """HTTP calls to one SESSION_SERVER process; remembers every token it was given."""
+
+    server: Server
+    http: ClientSession
+    tokens: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.server.name
+
+    async def call(self, method: str, path: str, *, token: str | None = None, body: Any = None) -> Answer:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        async with self.http.request(method, self.server.url + path, headers=headers, json=body) as reply:
+            text = await reply.text()
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = text
+            answer = Answer(reply.status, parsed, reply.headers)
+        if answer.status == 200 and isinstance(parsed, dict) and "access" in parsed:
+            self.tokens.update((parsed["access"], parsed["refresh"]))
+        return answer
+
+    async def login(self, sub: str) -> dict[str, str]:
+        answer = await self.call("POST", "/login", body={"sub": sub})
+        assert answer.status == 200, (self.name, answer, self.server.logs())
+        assert set(answer.body) == {"access", "refresh"}
+        return dict(answer.body)
+
+    async def refresh(self, refresh_token: str) -> Answer:
+        return await self.call("POST", "/refresh", body={"refresh_token": refresh_token})
+
+    async def me(self, access_token: str | None) -> Answer:
+        return await self.call("GET", "/me", token=access_token)
+
+    async def logout(self, access_token: str) -> Answer:
+        return await self.call("POST", "/logout", token=access_token)
+
+
+StartSessionServers = Callable[..., Awaitable[tuple[SessionServer, SessionServer]]]
+
+
+@pytest.fixture
+async def session_servers(
+    spawn: Spawn,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> AsyncIterator[StartSessionServers]:
+    """Start servers A and B on one secret and one Redis: ``await session_servers(fail_mode=...)``."""
+    script = tmp_path / "session_server.py"
+    script.write_text(SESSION_SERVER)
+    secret = secrets.token_urlsafe(32)  # 43 bytes: no WeakSecretWarning
+    async with ClientSession(timeout=HTTP_TIMEOUT, cookie_jar=DummyCookieJar()) as http:
+
+        async def start(fail_mode: str = "closed") -> tuple[SessionServer, SessionServer]:
+            args = ("--redis-url", redis_server.url, "--fail-mode", fail_mode)
+            args += ("--socket-timeout", str(REDIS_SOCKET_TIMEOUT))
+            servers = await asyncio.gather(
+                *(
+                    spawn(name, script, "--name", name, *args, env={"JWTPLUS_TEST_SECRET": secret})
+                    for name in ("A", "B")
+                )
+            )
+            a, b = (SessionServer(server, http) for server in servers)
+            return a, b
+
+        yield start
+
+
+UNAUTHORIZED = {"error": "unauthorized"}
+UNAVAILABLE = {"error": "unavailable"}
+
+_LOG_HEAD = re.compile(r"LOG (?P<logger>\S+) (?P<level>[A-Z]+) (?P<message>.*)")
+_ACCESS = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/1\.1" (?P<status>\d{3})')
+
+
+async def assert_clean_logs(*servers: SessionServer) -> dict[str, list[tuple[str, str, str]]]:
+    """Stop *servers* (they must exit 0) and check their logs: no 500, no traceback, no token.
+    Return each server's (logger, level, message) records."""
+    records: dict[str, list[tuple[str, str, str]]] = {}
+    for session_server in servers:
+        server = session_server.server
+        assert await server.stop() == 0, server.logs()
+        stdout, stderr = server.stdout(), server.stderr()
+        assert stdout == "", server.logs()
+        mine: list[tuple[str, str, str]] = []
+        for line in stderr.splitlines():
+            if head := _LOG_HEAD.fullmatch(line):
+                mine.append((head["logger"], head["level"], head["message"]))
+            else:  # a line that is no log record's head: a traceback, which no record may carry
+                raise AssertionError((line, server.logs()))
+        statuses = [
+            int(access["status"])
+            for logger, _, message in mine
+            if logger == "aiohttp.access" and (access := _ACCESS.fullmatch(message))
+        ]
+        assert statuses, server.logs()
+        assert 500 not in statuses, server.logs()
+        assert all(level in ("INFO", "WARNING") for _, level, _ in mine), server.logs()
+        assert "Error handling request" not in stderr, server.logs()
+        assert "eyJ" not in stderr  # a JWT's first characters
+        for token in session_server.tokens:
+            for part in token.split("."):
+                assert part not in stderr, server.logs()
+        records[session_server.name] = mine
+    return records
+
+
+def warnings_of(records: list[tuple[str, str, str]]) -> list[str]:
+    """jwtplus's warnings, with a store failure's cause cut out: "...store failed; <outcome>"."""
+    return [
+        re.sub(r" \(\w+: .*\); ", "; ", message)
+        for logger, level, message in records
+        if logger == "jwtplus" and level == "WARNING"
+    ]
+
+
+async def test_redis_logout_on_one_server_is_refused_on_the_other_at_once(
+    session_servers: StartSessionServers,
+) -> None:
+    a, b = await session_servers()
+    phone, laptop = await a.login("ann"), await b.login("ann")
+    for server in (a, b):
+        for pair in (phone, laptop):
+            assert (await server.me(pair["access"])).body == {"server": server.name, "sub": "ann"}
+
+    logout = await a.logout(phone["access"])
+    assert (logout.status, logout.body) == (200, {"ok": True})
+    for server in (b, a):  # B first: nothing to wait for, the revocation is in Redis already
+        me = await server.me(phone["access"])
+        assert (me.status, me.body, me.headers["WWW-Authenticate"]) == (401, UNAUTHORIZED, CHALLENGE_INVALID)
+        refresh = await server.refresh(phone["refresh"])
+        assert (refresh.status, refresh.body, refresh.headers["WWW-Authenticate"]) == (
+            401,
+            UNAUTHORIZED,
+            CHALLENGE_INVALID,
+        )
+    # the other session of the same user is untouched, on both
+    for server in (b, a):
+        me = await server.me(laptop["access"])
+        assert (me.status, me.body) == (200, {"server": server.name, "sub": "ann"})
+    renewed = await b.refresh(laptop["refresh"])
+    assert renewed.status == 200
+    assert (await a.me(renewed.body["access"])).body == {"server": "A", "sub": "ann"}
+    records = await assert_clean_logs(a, b)
+    assert warnings_of(records["A"]) == warnings_of(records["B"]) == []
+
+
+async def test_redis_a_replayed_refresh_token_kills_the_family_on_both_servers(
+    session_servers: StartSessionServers,
+) -> None:
+    a, b = await session_servers()
+    first = await a.login("ann")
+    rotated = await b.refresh(first["refresh"])  # the rightful client rotates on B
+    assert rotated.status == 200
+    second = rotated.body
+    assert (await a.me(second["access"])).body == {"server": "A", "sub": "ann"}
+    bystander = await b.login("bob")
+
+    replay = await a.refresh(first["refresh"])  # the thief replays the stolen first token on A
+    assert (replay.status, replay.body, replay.headers["WWW-Authenticate"]) == (
+        401,
+        UNAUTHORIZED,
+        CHALLENGE_INVALID,
+    )
+    for server in (a, b):
+        for token in (first["access"], second["access"]):
+            me = await server.me(token)
+            assert (me.status, me.body, me.headers["WWW-Authenticate"]) == (
+                401,
+                UNAUTHORIZED,
+                CHALLENGE_INVALID,
+            )
+        refresh = await server.refresh(second["refresh"])
+        assert (refresh.status, refresh.body) == (401, UNAUTHORIZED)
+        assert (await server.me(bystander["access"])).body == {"server": server.name, "sub": "bob"}
+    records = await assert_clean_logs(a, b)
+    assert warnings_of(records["A"]) == ["jwtplus: a refresh token was used twice; its family is revoked"]
+    assert warnings_of(records["B"]) == []
+
+
+async def raw_refresh_requests(servers: Sequence[SessionServer], refresh_token: str) -> list[Answer]:
+    """POST /refresh with *refresh_token* once per item of *servers*, all at the same instant.
+
+    Each request is sent on its own connection but its last byte; once every one is in,
+    the last bytes go out together, so the servers run the refreshes concurrently.
+    """
+    body = json.dumps({"refresh_token": refresh_token}).encode()
+    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]] = []
+
+    async def answer(reader: asyncio.StreamReader) -> Answer:
+        raw = await asyncio.wait_for(reader.read(), HTTP_TIMEOUT.total)  # Connection: close
+        head, _, text = raw.decode().partition("\r\n\r\n")
+        status_line, *header_lines = head.split("\r\n")
+        headers = CIMultiDict(tuple(line.split(": ", 1)) for line in header_lines)
+        return Answer(int(status_line.split()[1]), json.loads(text), CIMultiDictProxy(headers))
+
+    try:
+        for server in servers:
+            url = yarl.URL(server.server.url)
+            request = (
+                f"POST /refresh HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode() + body
+            reader, writer = await asyncio.open_connection(url.host, url.port)
+            streams.append((reader, writer, request[-1:]))
+            writer.write(request[:-1])
+            await writer.drain()
+        for _, writer, last in streams:
+            writer.write(last)
+        return list(await asyncio.gather(*(answer(reader) for reader, _, _ in streams)))
+    finally:
+        for _, writer, _ in streams:
+            writer.close()
+        await asyncio.gather(*(writer.wait_closed() for _, writer, _ in streams), return_exceptions=True)
+
+
+async def test_redis_fifty_concurrent_refreshes_over_two_servers_give_exactly_one_pair(
+    session_servers: StartSessionServers,
+) -> None:
+    a, b = await session_servers()
+    first = await a.login("ann")
+    answers = await raw_refresh_requests((a, b) * 25, first["refresh"])
+    assert sorted(answer.status for answer in answers) == [200] + [401] * 49, answers
+    (winner,) = (answer for answer in answers if answer.status == 200)
+    assert set(winner.body) == {"access", "refresh"}
+    assert all(answer.body == UNAUTHORIZED for answer in answers if answer.status == 401)
+    for server in (a, b):  # the new pair is never revealed in a log: let the log check look for it
+        server.tokens.update(winner.body.values())
+    # with no reuse_grace, each loser is a reuse, that is theft: the family is dead on both
+    for server in (a, b):
+        assert (await server.me(winner.body["access"])).status == 401
+        assert (await server.refresh(winner.body["refresh"])).status == 401
+    records = await assert_clean_logs(a, b)
+    theft = "jwtplus: a refresh token was used twice; its family is revoked"
+    assert {*warnings_of(records["A"]), *warnings_of(records["B"])} == {theft}
+
+
+async def begin_outage(redis_server: RedisServer, outage: str) -> None:
+    """Take Redis away: "paused" keeps its data, "stopped" ends the process."""
+    if outage == "paused":
+        redis_server.pause()  # every call hangs until the socket timeout
+        return
+    # Without persistence a restart forgets every revocation and used refresh token: snapshot them
+    # first, as a Redis configured to persist would keep them.
+    redis_asyncio = pytest.importorskip("redis.asyncio")
+    client = redis_asyncio.Redis.from_url(redis_server.url)
+    try:
+        assert await client.save() is True
+    finally:
+        await client.aclose()
+    await redis_server.stop()  # calls are refused at once
+
+
+async def end_outage(redis_server: RedisServer, outage: str) -> None:
+    if outage == "paused":
+        redis_server.resume()
+    else:
+        await redis_server.start()  # the same port; loads the snapshot
+
+
+async def at_once(**calls: Awaitable[Answer]) -> dict[str, Answer]:
+    """Await *calls* concurrently (each may wait one socket timeout); their answers by name."""
+    return dict(zip(calls, await asyncio.gather(*calls.values()), strict=True))
+
+
+@pytest.mark.parametrize("outage", ["paused", "stopped"])
+async def test_redis_down_fails_closed_with_503_and_recovers(
+    session_servers: StartSessionServers, redis_server: RedisServer, outage: str
+) -> None:
+    a, b = await session_servers(fail_mode="closed")
+    revoked, alive = await a.login("ann"), await b.login("bob")
+    assert (await b.logout(revoked["access"])).status == 200
+    assert (await a.me(revoked["access"])).status == 401
+    assert (await a.me(alive["access"])).status == 200
+
+    await begin_outage(redis_server, outage)
+    started = time.monotonic()
+    for server in (a, b):
+        down = await at_once(
+            me=server.me(alive["access"]),
+            revoked=server.me(revoked["access"]),  # never 200 (nor 401: it cannot be told)
+            refresh=server.refresh(alive["refresh"]),
+            logout=server.logout(alive["access"]),
+            anonymous=server.me(None),  # no token: nothing to look up
+            login=server.call("POST", "/login", body={"sub": "carol"}),  # a login needs no store
+        )
+        for name in ("me", "revoked", "refresh", "logout"):
+            answer = down[name]
+            assert (answer.status, answer.body, answer.headers.get("Retry-After")) == (
+                503,
+                UNAVAILABLE,
+                "5",
+            ), (server.name, name, answer)
+        assert (down["anonymous"].status, down["anonymous"].body) == (401, UNAUTHORIZED)
+        assert down["login"].status == 200
+        during = down["login"].body
+        assert (await server.me(during["access"])).status == 503  # minted, but refused until Redis is back
+    assert time.monotonic() - started < 4 * REDIS_SOCKET_TIMEOUT + 3  # bounded: no hang, no retry storm
+
+    await end_outage(redis_server, outage)
+    for server in (a, b):
+        assert (await server.me(alive["access"])).body == {"server": server.name, "sub": "bob"}
+        assert (await server.me(during["access"])).body == {"server": server.name, "sub": "carol"}
+        me = await server.me(revoked["access"])
+        assert (me.status, me.body) == (401, UNAUTHORIZED)
+    renewed = await a.refresh(alive["refresh"])  # the refresh that got a 503 may be retried
+    assert renewed.status == 200, renewed
+    assert (await b.me(renewed.body["access"])).status == 200
+    assert (await b.logout(renewed.body["access"])).status == 200
+    assert (await a.me(renewed.body["access"])).status == 401
+
+    records = await assert_clean_logs(a, b)
+    for name in ("A", "B"):
+        assert "jwtplus: the revocation store failed; request refused (503)" in warnings_of(records[name])
+        assert "jwtplus: the revocation store failed; request accepted (fail-open)" not in warnings_of(
+            records[name]
+        )
+
+
+@pytest.mark.parametrize("outage", ["paused", "stopped"])
+async def test_redis_down_fails_open_when_told_and_recovers(
+    session_servers: StartSessionServers, redis_server: RedisServer, outage: str
+) -> None:
+    a, b = await session_servers(fail_mode="open")
+    revoked, alive, leaving = await a.login("ann"), await b.login("bob"), await a.login("dan")
+    assert (await b.logout(revoked["access"])).status == 200
+    assert (await a.me(revoked["access"])).status == 401
+
+    await begin_outage(redis_server, outage)
+    started = time.monotonic()
+    for server in (a, b):
+        down = await at_once(
+            me=server.me(alive["access"]),
+            # fail-open cannot know of revocations while Redis is down: the logged-out token passes too
+            revoked=server.me(revoked["access"]),
+            refresh=server.refresh(alive["refresh"]),  # a refresh never mints without consuming
+            logout=server.logout(leaving["access"]),  # a revocation cannot be written
+        )
+        assert (down["me"].status, down["me"].body) == (200, {"server": server.name, "sub": "bob"})
+        assert (down["revoked"].status, down["revoked"].body) == (200, {"server": server.name, "sub": "ann"})
+        for name in ("refresh", "logout"):
+            answer = down[name]
+            assert (answer.status, answer.body, answer.headers.get("Retry-After")) == (
+                503,
+                UNAVAILABLE,
+                "5",
+            ), (server.name, name, answer)
+    during = await b.login("carol")
+    assert (await a.me(during["access"])).status == 200
+    assert time.monotonic() - started < 4 * REDIS_SOCKET_TIMEOUT + 3
+
+    await end_outage(redis_server, outage)
+    for server in (a, b):
+        assert (await server.me(alive["access"])).status == 200
+        me = await server.me(revoked["access"])
+        assert (me.status, me.body) == (401, UNAUTHORIZED)  # known again
+    assert (await b.refresh(alive["refresh"])).status == 200
+
+    records = await assert_clean_logs(a, b)
+    for name in ("A", "B"):
+        assert "jwtplus: the revocation store failed; request accepted (fail-open)" in warnings_of(
+            records[name]
+        )
+        assert "jwtplus: the revocation store failed; request refused (503)" not in warnings_of(records[name])
