@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: test lint typecheck pytest demo matrix clean
+.PHONY: test lint typecheck pytest demo matrix bench clean
 
 $(VENV)/.test-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,20 @@ pytest: $(VENV)/.test-installed
 ## demo: the SPA demo on http://127.0.0.1:8080 (examples/spa_demo.py; log in as jacky / jwtplus-demo)
 demo: $(VENV)/.installed
 	$(BIN)/python examples/spa_demo.py --host 127.0.0.1 --port 8080
+
+## bench: jwtplus against bare aiohttp and its peers under wrk, and encode/decode against PyJWT;
+## prints a Markdown table and writes it to bench/results.md (about 10 minutes; BENCH_ROUNDS=1
+## BENCH_DURATION=2 make bench for a quick look). Needs wrk, taskset and two CPUs.
+bench: $(VENV)/.bench-installed
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || \
+	  { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 1; }
+	$(BIN)/python bench/run.py
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[bench]'
+	touch $@
 
 ## matrix: pytest on the oldest supported pins (Python 3.10, aiohttp 3.14.0, PyJWT 2.13.0)
 ## and on the newest (Python 3.13, latest aiohttp 3.14.x and PyJWT 2.x)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import enum
 import functools
 import hashlib
@@ -46,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jwt
 from aiohttp import web
@@ -103,6 +104,7 @@ __all__ = (
     "path_readings",
     # middleware factories
     "identifier_middleware",
+    "jwt_middleware",
     "router_middleware",
     # cookies: login and logout
     "login",
@@ -176,31 +178,6 @@ class StoreFullError(RuntimeError):
 
 class WeakSecretWarning(UserWarning):
     """Warned once per SecretManager whose secret is shorter than its hash output."""
-
-
-class _HMAC(HMACAlgorithm):
-    """PyJWT's HMAC, minus its per-call short-key warning: SecretManager warns once."""
-
-    def check_key_length(self, key: bytes) -> str | None:
-        return None
-
-
-_JWS_ALGORITHMS = {
-    "HS256": _HMAC(HMACAlgorithm.SHA256),
-    "HS384": _HMAC(HMACAlgorithm.SHA384),
-    "HS512": _HMAC(HMACAlgorithm.SHA512),
-}
-
-
-def _jws() -> jwt.PyJWS:
-    """A PyJWS that knows our three HMAC algorithms and nothing else."""
-    jws = jwt.PyJWS(algorithms=[])
-    for name, algorithm in _JWS_ALGORITHMS.items():
-        jws.register_algorithm(name, algorithm)
-    return jws
-
-
-_JWS = _jws()
 
 
 # ---- Durations ----
@@ -499,7 +476,7 @@ class SecretManager:
             raise TypeError(f"issuer={self.issuer!r} must be a string or None")
         key = _secret_bytes(self.secret)
         try:
-            _JWS_ALGORITHMS[self.algorithm].prepare_key(key)
+            HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)  # PyJWT's own refusal of PEM and SSH keys
         except jwt.InvalidKeyError as exc:
             raise ValueError(f"secret is not usable as an HMAC key: {exc}") from None
         setattr_("_key", key)
@@ -682,25 +659,60 @@ def encode_token(manager: SecretManager, payload: Mapping[str, Any], *, now: flo
     for name in ("exp", "iat", "nbf"):
         if name in claims:
             claims[name] = _time_claim(claims[name], name)
-    body = json.dumps(claims, separators=(",", ":")).encode("utf-8")
-    headers: dict[str, Any] = {"typ": "JWT"}
-    key = manager._key
+    key, kid = manager._key, None
     if manager.refresh_seconds:
         period = period_of(now, manager.refresh_seconds)
-        headers["kid"] = str(period)
-        key = key_for_period(manager, period)
-    return _JWS.encode(body, key, algorithm=manager.algorithm, headers=headers)
+        key, kid = key_for_period(manager, period), str(period)
+    signing_input = (
+        _header_segment(manager.algorithm, kid)
+        + "."
+        + _b64encode(json.dumps(claims, separators=(",", ":")).encode())
+    )
+    signature = hmac.new(key, signing_input.encode("ascii"), _HASHES[manager.algorithm]).digest()
+    return signing_input + "." + _b64encode(signature)
 
 
-_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+def _b64encode(data: bytes) -> str:
+    """base64url without padding (RFC 7515 section 2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _canonical_b64(segment: str) -> bool:
-    """Whether *segment* is the one base64url spelling of its bytes, so a token has one spelling only."""
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+def _b64decode(segment: str) -> bytes:
+    """The bytes of an unpadded base64url *segment* that :data:`_COMPACT_JWS` has already checked."""
     if len(segment) % 4 == 1:  # no byte string encodes to this length
-        return False
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == segment
+        raise jwt.DecodeError("a token segment has an impossible length")
+    padded = (segment + "=" * (-len(segment) % 4)).encode("ascii")
+    return binascii.a2b_base64(padded.translate(_URLSAFE_TO_STANDARD))
+
+
+@functools.lru_cache(maxsize=32)
+def _header_segment(algorithm: str, kid: str | None) -> str:
+    """The encoded JOSE header of our tokens: the same for every token of a period, so built once."""
+    header = {"alg": algorithm, "typ": "JWT"} if kid is None else {"alg": algorithm, "kid": kid, "typ": "JWT"}
+    return _b64encode(json.dumps(header, separators=(",", ":")).encode())
+
+
+@functools.lru_cache(maxsize=64)
+def _header(segment: str) -> dict[str, Any]:
+    """A token's JOSE header: every token of a period shares one, so it is parsed once. Read-only."""
+    return _json_object(segment, "header")
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    """Decode a header or payload segment that must hold a UTF-8 JSON object."""
+    try:
+        value = json.loads(_b64decode(segment).decode("utf-8"))
+    except (ValueError, RecursionError):  # bad base64, UTF-8 or JSON, or nested too deeply
+        raise jwt.DecodeError(f"the {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise jwt.DecodeError(f"the {what} is not a JSON object")
+    return value
+
+
+_COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 
 
 def decode_token(manager: SecretManager, token: str | bytes, *, now: float | None = None) -> dict[str, Any]:
@@ -755,31 +767,34 @@ def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dic
         raise jwt.DecodeError("a token must be a string")
     if len(token) > MAX_TOKEN_LENGTH:
         raise TokenTooLargeError("the token is too large")
-    if not _COMPACT_JWS.fullmatch(token) or not _canonical_b64(token[token.rindex(".") + 1 :]):
+    form = _COMPACT_JWS.fullmatch(token)
+    if form is None:
         raise jwt.DecodeError("the token is not three unpadded base64url segments")
-    try:
-        header = _JWS.get_unverified_header(token)
-    except RecursionError:
-        raise jwt.DecodeError("the header is nested too deeply") from None
+    header_b64, payload_b64, signature_b64 = form.groups()
+    signature = _b64decode(signature_b64)
+    if _b64encode(signature) != signature_b64:  # one token, one spelling: no other bits at the end
+        raise jwt.DecodeError("the signature is not in its canonical spelling")
+    header = _header(header_b64)
     if header.get("alg") != manager.algorithm:
         raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
+    if "crit" in header:  # RFC 7515 section 4.1.11: we understand no extension, so none may be critical
+        raise jwt.InvalidTokenError("the token names critical header extensions")
     key, window, window_end = manager._key, 0, math.inf
     if manager.refresh_seconds:  # exactly one key may verify: its period's, named by kid
         period = _period_of_kid(header)
         window = _window(manager, period, now)
         key = (key_for_period if window == 0 else _uncached_key)(manager, period)
         window_end = (period + 1) * manager.refresh_seconds + manager.exptime_seconds + manager.leeway_seconds
-    signed = _JWS.decode_complete(token, key, algorithms=[manager.algorithm])
+    expected = hmac.new(
+        key, f"{header_b64}.{payload_b64}".encode("ascii"), _HASHES[manager.algorithm]
+    ).digest()
+    if not hmac.compare_digest(signature, expected):
+        raise jwt.InvalidSignatureError("Signature verification failed")
     if window < 0:
         raise KeyIdError("the token's key period has not started")
     if window > 0:
         raise jwt.ExpiredSignatureError("the token's key period has ended")
-    try:
-        claims = json.loads(signed["payload"])
-    except (ValueError, RecursionError):
-        raise jwt.DecodeError("the payload is not JSON") from None
-    if not isinstance(claims, dict):
-        raise jwt.DecodeError("the payload is not a JSON object")
+    claims = _json_object(payload_b64, "payload")
     _check_claims(manager, claims, now)
     return claims, min(claims["exp"] + manager.leeway_seconds, window_end)
 
@@ -838,7 +853,9 @@ def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization"
         values = request.headers.getall(header, ())
         if len(values) != 1:
             return None
-        parts = [part for part in values[0].strip(" \t").split(" ") if part]
+        parts = values[0].split(" ")
+        if len(parts) != 2 or not all(parts):  # not the plain "<scheme> <token>": allow more spaces
+            parts = [part for part in values[0].strip(" \t").split(" ") if part]
         if len(parts) != 2 or parts[0].lower() != wanted:
             return None
         request[TOKEN_SOURCE] = "header"
@@ -920,8 +937,7 @@ def basic_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
     return payload if isinstance(username, str) and username else None
 
 
-@dataclass(frozen=True, slots=True)
-class AuthResult:
+class AuthResult(NamedTuple):
     """What identification made of a request: its status, the identifier's result, the verified claims."""
 
     status: AuthStatus
@@ -1014,7 +1030,9 @@ async def authenticate(
     """
     now = time.time() if now is None else now
     try:
-        token = await _maybe_await(token_getter(request))
+        token = token_getter(request)
+        if token is not None and not isinstance(token, str):
+            token = await _maybe_await(token)
     except AmbiguousTokenError:
         return _MALFORMED
     except Exception:
@@ -1049,7 +1067,9 @@ async def authenticate(
             if not sessions.fail_open:
                 return _UNAVAILABLE
     try:
-        carry = await _maybe_await(identifier(payload))
+        carry = identifier(payload)
+        if hasattr(carry, "__await__"):  # a coroutine function's, or any awaitable
+            carry = await carry
     except Exception:
         _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
         return _REJECTED
@@ -1176,21 +1196,86 @@ def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
     )
 
 
-_quiet_keys: set[str] = set()
+_quiet_keys: set[str] = set()  # the seed's keys once set under a muted warning
 
 
-def _set_seed_key(request: web.Request, key: str, value: Any) -> None:
-    """Set one of the seed's string keys without aiohttp's NotAppKeyWarning reaching users.
+def _set_seed_keys(request: web.Request, status: AuthStatus, carry: Any) -> None:
+    """Set the seed's string keys without aiohttp's NotAppKeyWarning reaching users.
 
     aiohttp warns once per process per string key, so only the first set needs muting.
     """
-    if key in _quiet_keys:
-        request[key] = value
+    if _quiet_keys:
+        request["auth_status"], request["auth_carry"] = status, carry
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", web.NotAppKeyWarning)
-        request[key] = value
-    _quiet_keys.add(key)
+        request["auth_status"], request["auth_carry"] = status, carry
+    _quiet_keys.update(("auth_status", "auth_carry"))
+
+
+def _identifier(
+    manager: SecretManager,
+    token_getter: TokenGetter | None,
+    identifier: Identifier | None,
+    cookies: CookiePolicy | None,
+    sessions: Sessions | None,
+    cache_size: int,
+) -> Callable[[web.Request], Awaitable[AuthStatus]]:
+    """Return ``identify(request)``: authenticate it, store the result on it, return its status."""
+    if token_getter is None or token_getter is basic_token_getter:
+        token_getter = header_token_getter(manager.scheme)
+        if cookies is not None:
+            token_getter = any_token_getter(token_getter, cookie_token_getter(cookies.token_cookie))
+    getter, identify_payload = token_getter, identifier or basic_identifier
+    policy, decode = cookies or DEFAULT_COOKIES, cached_decoder(manager, size=cache_size)
+
+    async def identify(request: web.Request) -> AuthStatus:
+        result = await authenticate(
+            request, manager, getter, identify_payload, cookies=policy, sessions=sessions, decode=decode
+        )
+        request[AUTH_STATUS] = result.status
+        request[AUTH_CARRY] = result.carry
+        request[AUTH_CLAIMS] = result.claims
+        _set_seed_keys(request, result.status, result.carry)
+        return result.status
+
+    return identify
+
+
+def _router(
+    rules: RoutingRules,
+    login_page_handler: Handler | None,
+    app_page_handler: Handler | None,
+    scheme: str,
+) -> Callable[[web.Request, AuthStatus], Handler | web.Response | None]:
+    """Return ``route(request, status)``: None to run the request's own handler, a page handler to run
+    instead, or a ready 400/401/403/503 answer. Decisions are remembered (``decide`` is pure)."""
+    if rules.login_page != (login_page_handler is not None) or rules.app_page != (
+        app_page_handler is not None
+    ):
+        raise ValueError("rules.login_page and rules.app_page must say whether each page handler is given")
+
+    @functools.lru_cache(maxsize=4096)
+    def decided(path: str, method: str, found: bool, status: AuthStatus, preflight: bool) -> Action:
+        return decide(rules, path, method, found, status, preflight=preflight)
+
+    def route(request: web.Request, status: AuthStatus) -> Handler | web.Response | None:
+        action = decided(
+            request.rel_url.path_safe,
+            request.method,
+            request.match_info.http_exception is None,
+            status,
+            "Access-Control-Request-Method" in request.headers,
+        )
+        if action is Action.HANDLER:
+            return None
+        if action is Action.LOGIN_PAGE and login_page_handler is not None:
+            return login_page_handler
+        if action is Action.APP_PAGE and app_page_handler is not None:
+            return app_page_handler
+        return _challenge(scheme, action, status)
+
+    return route
 
 
 def identifier_middleware(
@@ -1214,24 +1299,11 @@ def identifier_middleware(
     checked against its revocation store. Verified tokens are remembered in a
     :func:`cached_decoder` of *cache_size* entries (0: none).
     """
-    if token_getter is None or token_getter is basic_token_getter:
-        token_getter = header_token_getter(manager.scheme)
-        if cookies is not None:
-            token_getter = any_token_getter(token_getter, cookie_token_getter(cookies.token_cookie))
-    identify = identifier or basic_identifier
-    policy = cookies or DEFAULT_COOKIES
-    decode = cached_decoder(manager, size=cache_size)
+    identify = _identifier(manager, token_getter, identifier, cookies, sessions, cache_size)
 
     @web.middleware
     async def jwt_identifier(request: web.Request, handler: Handler) -> web.StreamResponse:
-        result = await authenticate(
-            request, manager, token_getter, identify, cookies=policy, sessions=sessions, decode=decode
-        )
-        request[AUTH_STATUS] = result.status
-        request[AUTH_CARRY] = result.carry
-        request[AUTH_CLAIMS] = result.claims
-        _set_seed_key(request, "auth_status", result.status)
-        _set_seed_key(request, "auth_carry", result.carry)
+        await identify(request)
         return await handler(request)
 
     return jwt_identifier
@@ -1248,28 +1320,45 @@ def router_middleware(
 
     It must come after :func:`identifier_middleware`.
     """
-    if rules.login_page != (login_page_handler is not None) or rules.app_page != (
-        app_page_handler is not None
-    ):
-        raise ValueError("rules.login_page and rules.app_page must say whether each page handler is given")
+    route = _router(rules, login_page_handler, app_page_handler, scheme)
 
     @web.middleware
     async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
-        status = get_auth_status(request)
-        route_found = request.match_info.http_exception is None
-        preflight = "Access-Control-Request-Method" in request.headers
-        action = decide(
-            rules, request.rel_url.path_safe, request.method, route_found, status, preflight=preflight
-        )
-        if action is Action.HANDLER:
-            return await handler(request)
-        if action is Action.LOGIN_PAGE and login_page_handler is not None:
-            return await login_page_handler(request)
-        if action is Action.APP_PAGE and app_page_handler is not None:
-            return await app_page_handler(request)
-        return _challenge(scheme, action, status)
+        target = route(request, get_auth_status(request))
+        if isinstance(target, web.StreamResponse):
+            return target
+        return await (target or handler)(request)
 
     return jwt_router
+
+
+def jwt_middleware(
+    *,
+    manager: SecretManager,
+    rules: RoutingRules,
+    token_getter: TokenGetter | None = None,
+    identifier: Identifier | None = None,
+    login_page_handler: Handler | None = None,
+    app_page_handler: Handler | None = None,
+    cookies: CookiePolicy | None = None,
+    sessions: Sessions | None = None,
+    cache_size: int = 10_000,
+) -> Middleware:
+    """Both middlewares in one: identify, then route; one layer fewer on every request.
+
+    The arguments are those of :func:`identifier_middleware` and :func:`router_middleware`.
+    """
+    identify = _identifier(manager, token_getter, identifier, cookies, sessions, cache_size)
+    route = _router(rules, login_page_handler, app_page_handler, manager.scheme)
+
+    @web.middleware
+    async def jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        target = route(request, await identify(request))
+        if isinstance(target, web.StreamResponse):
+            return target
+        return await (target or handler)(request)
+
+    return jwt_auth
 
 
 # ---- Cookies: login and logout ----
@@ -1712,8 +1801,8 @@ JWTPLUS_HELPER = web.AppKey["JWTHelper"]("jwtplus_helper")
 
 
 def setup(app: web.Application, helper: JWTHelper) -> JWTHelper:
-    """Install *helper*'s two middlewares on *app*, in order, and keep it at ``app[JWTPLUS_HELPER]``."""
-    app.middlewares.extend((helper.pre_jwt_identifier(), helper.post_jwt_router()))
+    """Install *helper*'s middleware on *app* (both in one layer) and keep it at ``app[JWTPLUS_HELPER]``."""
+    app.middlewares.append(helper.middleware())
     app[JWTPLUS_HELPER] = helper
     return helper
 
@@ -1798,6 +1887,20 @@ class JWTHelper:
             manager=self.manager,
             token_getter=self.token_getter,
             identifier=self.identifier,
+            cookies=self.cookies,
+            sessions=self.sessions,
+            cache_size=self.cache_size,
+        )
+
+    def middleware(self) -> Middleware:
+        """Both in one middleware (see :func:`jwt_middleware`): what :func:`setup` installs."""
+        return jwt_middleware(
+            manager=self.manager,
+            rules=self.rules,
+            token_getter=self.token_getter,
+            identifier=self.identifier,
+            login_page_handler=self.unauthorized_return_route_handler,
+            app_page_handler=self.authorized_return_page_handler,
             cookies=self.cookies,
             sessions=self.sessions,
             cache_size=self.cache_size,

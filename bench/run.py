@@ -56,7 +56,7 @@ sys.path.insert(0, str(HERE))
 from servers import BODY, LOOPS, MODE_LABELS, MODES, PATH  # noqa: E402
 
 PATTERNS = ("reused", "fresh")
-TOKEN_MODES = frozenset({"jwtplus", "aiohttp-jwt", "pyjwt"})
+TOKEN_MODES = frozenset({"jwtplus", "jwtplus-setup", "aiohttp-jwt", "pyjwt"})
 """Modes that verify the token, so a repeated "fresh" token could be a cache hit for them."""
 OPTIONAL_MODES = frozenset({"aiohttp-jwt"})
 """Peers left out (with the reason printed) when they cannot even start; anything else aborts."""
@@ -315,6 +315,14 @@ def check(server: Server, token: str) -> None:
 class WrkResult:
     requests: int
     rps: float
+    cpu_us: float
+    """The server's CPU time (user + system) per request: robust to a noisy neighbour stealing the core."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk_run(
@@ -330,7 +338,9 @@ def wrk_run(
         first = server.fresh_cursor % tokens.count
         given = min(tokens.count - first, int(seconds * FRESH_PER_SECOND) + connections)
         command += ["-s", str(HERE / "fresh_tokens.lua"), url, "--", str(tokens.path), str(first), str(given)]
+    cpu_before = cpu_seconds(server.process.pid)
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)  # noqa: S603
+    cpu = cpu_seconds(server.process.pid) - cpu_before
     out = done.stdout
     what = f"wrk against {MODE_LABELS[server.mode]} ({server.loop}, {pattern} token)"
     requests, rps = re.search(r"(\d+) requests in", out), re.search(r"Requests/sec:\s*([\d.]+)", out)
@@ -340,7 +350,7 @@ def wrk_run(
         raise BenchError(f"{what}: {m[1]} of {requests[1]} answers were not 2xx, so the run measures nothing")
     if m := re.search(r"Socket errors: (.*)", out):
         raise BenchError(f"{what}: socket errors ({m[1]})")
-    result = WrkResult(int(requests[1]), float(rps[1]))
+    result = WrkResult(int(requests[1]), float(rps[1]), cpu * 1e6 / max(1, int(requests[1])))
     if pattern == "fresh":  # every connection may hold one more request than wrk counts
         sent = result.requests + connections
         server.fresh_cursor += sent
@@ -383,9 +393,14 @@ def next_fresh_token(server: Server, tokens: TokenFile) -> str:
 class Results:
     rps: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
     """(loop, pattern, mode) -> requests per second of each round."""
+    cpu_us: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    """(loop, pattern, mode) -> the server's CPU µs per request in each round."""
 
     def median(self, loop: str, pattern: str, mode: str) -> float:
         return statistics.median(self.rps[loop, pattern, mode])
+
+    def median_cpu(self, loop: str, pattern: str, mode: str) -> float:
+        return statistics.median(self.cpu_us[loop, pattern, mode])
 
 
 def rotated(modes: Sequence[str], by: int) -> list[str]:
@@ -409,9 +424,10 @@ def benchmark(
                         wrk_run(wrk, server, args.warmup, args.connections, pattern, tokens)
                     run = wrk_run(wrk, server, args.duration, args.connections, pattern, tokens)
                     results.rps.setdefault((loop, pattern, mode), []).append(run.rps)
+                    results.cpu_us.setdefault((loop, pattern, mode), []).append(run.cpu_us)
                     print(
-                        f"  round {round_ + 1}/{args.rounds}  {loop:<7}  {pattern:<6}  {mode:<12}"
-                        f"{run.rps:>10,.0f} req/s",
+                        f"  round {round_ + 1}/{args.rounds}  {loop:<7}  {pattern:<6}  {mode:<14}"
+                        f"{run.rps:>10,.0f} req/s {run.cpu_us:>8.1f} CPU µs/request",
                         flush=True,
                     )
     return results
@@ -458,6 +474,21 @@ def report(
         for loop, pattern in columns:
             median, bare = results.median(loop, pattern, mode), results.median(loop, pattern, "bare")
             cells.append(f"{median / bare:.2f}{TIMES} ({median:,.0f}/s)")
+        lines.append(f"| {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The same runs measured by the server's own CPU time per request (user + system, from /proc),",
+        "which a neighbour stealing the core does not inflate: bare aiohttp's CPU µs per request divided by",
+        "the mode's, i.e. the throughput ratio on a quiet core:",
+        "",
+        "| mode | " + " | ".join(f"{loop}, {pattern} token" for loop, pattern in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for mode in modes:
+        cells = []
+        for loop, pattern in columns:
+            cpu, bare_cpu = results.median_cpu(loop, pattern, mode), results.median_cpu(loop, pattern, "bare")
+            cells.append(f"{bare_cpu / cpu:.2f}{TIMES} ({cpu:.0f} µs)")
         lines.append(f"| {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
     for mode, reason in left_out.items():
         lines += ["", f"{MODE_LABELS[mode]} was left out: {reason}"]

@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 import jwtplus
 
-MODES = ("bare", "passthrough", "jwtplus", "aiohttp-jwt", "pyjwt")
+MODES = ("bare", "passthrough", "jwtplus", "jwtplus-setup", "aiohttp-jwt", "pyjwt")
 """Modes in table order: the baseline first, then the cost of one middleware, then the JWT middlewares."""
 
 LOOPS = ("asyncio", "uvloop")
@@ -31,7 +31,8 @@ LOOPS = ("asyncio", "uvloop")
 MODE_LABELS = {
     "bare": "bare aiohttp",
     "passthrough": "one pass-through middleware",
-    "jwtplus": "jwtplus (pre_jwt_identifier + post_jwt_router)",
+    "jwtplus": "jwtplus, the seed's two middlewares (pre_jwt_identifier + post_jwt_router)",
+    "jwtplus-setup": "jwtplus, one middleware (jwtplus.setup)",
     "aiohttp-jwt": "aiohttp-jwt 0.6.1 (JWTMiddleware)",
     "pyjwt": "plain jwt.decode middleware",
 }
@@ -87,6 +88,9 @@ def middlewares(mode: str, secret: str) -> list[Middleware]:
         manager = jwtplus.SecretManager(secret=secret)
         helper = jwtplus.JWTHelper(secret_manager=manager, protected_apis=(PATH,))
         return [helper.pre_jwt_identifier(), helper.post_jwt_router()]
+    if mode == "jwtplus-setup":
+        manager = jwtplus.SecretManager(secret=secret)
+        return [jwtplus.JWTHelper(secret_manager=manager, protected_apis=(PATH,)).middleware()]
     if mode == "aiohttp-jwt":
         return aiohttp_jwt_middlewares(secret)
     if mode == "pyjwt":
