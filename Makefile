@@ -41,6 +41,7 @@ bench: $(VENV)/.bench-installed
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || \
 	  { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 1; }
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/memory.py --output bench/results.md
 
 $(VENV)/.bench-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
