@@ -447,6 +447,25 @@ def report(
     tokens: TokenFile,
 ) -> str:
     columns = [(loop, pattern) for loop in args.loops for pattern in args.patterns]
+
+    def table(
+        speed: Callable[[float], float],
+        cell: Callable[[float, float], str],
+        median: Callable[[str, str, str], float],
+    ) -> list[str]:
+        """One Markdown table: each mode's *median* per column, and its speed relative to bare's."""
+        rows = [
+            "| mode | " + " | ".join(f"{loop}, {pattern} token" for loop, pattern in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for mode in modes:
+            cells = []
+            for loop, pattern in columns:
+                value, bare = median(loop, pattern, mode), median(loop, pattern, "bare")
+                cells.append(cell(speed(value) / speed(bare), value))
+            rows.append(f"| {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
+        return rows
+
     lines = [
         "# jwtplus benchmark",
         "",
@@ -466,30 +485,14 @@ def report(
         "",
         "Median requests per second, and its ratio to bare aiohttp's median in the same column:",
         "",
-        "| mode | " + " | ".join(f"{loop}, {pattern} token" for loop, pattern in columns) + " |",
-        "|---|" + "---:|" * len(columns),
-    ]
-    for mode in modes:
-        cells = []
-        for loop, pattern in columns:
-            median, bare = results.median(loop, pattern, mode), results.median(loop, pattern, "bare")
-            cells.append(f"{median / bare:.2f}{TIMES} ({median:,.0f}/s)")
-        lines.append(f"| {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
-    lines += [
+        *table(lambda c: c, lambda r, v: f"{r:.2f}{TIMES} ({v:,.0f}/s)", results.median),
         "",
         "The same runs measured by the server's own CPU time per request (user + system, from /proc),",
         "which a neighbour stealing the core does not inflate: bare aiohttp's CPU µs per request divided by",
         "the mode's, i.e. the throughput ratio on a quiet core:",
         "",
-        "| mode | " + " | ".join(f"{loop}, {pattern} token" for loop, pattern in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        *table(lambda c: 1 / c, lambda r, v: f"{r:.2f}{TIMES} ({v:.0f} µs)", results.median_cpu),
     ]
-    for mode in modes:
-        cells = []
-        for loop, pattern in columns:
-            cpu, bare_cpu = results.median_cpu(loop, pattern, mode), results.median_cpu(loop, pattern, "bare")
-            cells.append(f"{bare_cpu / cpu:.2f}{TIMES} ({cpu:.0f} µs)")
-        lines.append(f"| {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
     for mode, reason in left_out.items():
         lines += ["", f"{MODE_LABELS[mode]} was left out: {reason}"]
     if micro_rows is not None:
