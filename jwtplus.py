@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import copy
 import enum
 import functools
 import hashlib
@@ -741,19 +742,20 @@ def cached_decoder(manager: SecretManager, *, size: int = 10_000) -> Callable[[s
         raise ValueError(f"size={size!r} must be a whole number of tokens (0: no cache)")
     if size == 0:
         return lambda token, now: _verify(manager, token, now)[0]
-    cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
+    cache: OrderedDict[str, tuple[dict[str, Any], float, bool]] = OrderedDict()
 
     def decode(token: str, now: float) -> dict[str, Any]:
         hit = cache.get(token)
         if hit is not None and now < hit[1]:
             cache.move_to_end(token)
-            return dict(hit[0])
+            return dict(hit[0]) if hit[2] else copy.deepcopy(hit[0])
         claims, deadline = _verify(manager, token, now)
-        cache[token] = (claims, deadline)
+        flat = all(isinstance(v, (str, int, float, bool)) or v is None for v in claims.values())
+        cache[token] = (claims, deadline, flat)
         cache.move_to_end(token)
         if len(cache) > size:
             cache.popitem(last=False)
-        return dict(claims)
+        return dict(claims) if flat else copy.deepcopy(claims)
 
     return decode
 
@@ -1052,8 +1054,9 @@ async def authenticate(
         return _INVALID
     if payload.get("type", "access") != "access":
         return _INVALID  # a refresh token is never an access token
-    unsafe_cookie = request.get(TOKEN_SOURCE) == "cookie" and request.method not in _SAFE_METHODS
-    if unsafe_cookie and not _csrf_ok(request, payload, cookies):
+    # fail closed: only a token a browser cannot attach by itself (a header, a query) skips the check
+    ambient = request.get(TOKEN_SOURCE) not in ("header", "query")
+    if ambient and request.method not in _SAFE_METHODS and not _csrf_ok(request, payload, cookies):
         _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
         return _REJECTED
     if sessions is not None:
@@ -1265,7 +1268,9 @@ def _router(
             request.method,
             request.match_info.http_exception is None,
             status,
-            "Access-Control-Request-Method" in request.headers,
+            # a preflight goes to its handler only where a route answers OPTIONS itself (aiohttp-cors does)
+            "Access-Control-Request-Method" in request.headers
+            and request.match_info.route.method == "OPTIONS",
         )
         if action is Action.HANDLER:
             return None
@@ -1420,9 +1425,11 @@ def logout(response: web.StreamResponse, *, cookies: CookiePolicy = DEFAULT_COOK
             samesite=cookies.samesite,
         )
     for name in sorted({cookies.refresh_cookie, cookies.refresh_name}):
+        host_only = name.startswith("__Host-")
         response.del_cookie(
             name,
-            path="/" if name.startswith("__Host-") else cookies.refresh_path,
+            path="/" if host_only else cookies.refresh_path,
+            domain=None if host_only else cookies.domain,
             secure=cookies.secure or name.startswith("__"),
             samesite="Strict",
         )
@@ -1551,7 +1558,7 @@ async def _presented_refresh_token(request: web.Request, cookies: CookiePolicy) 
     if request.content_type == "application/json" and request.can_read_body:
         try:
             body = await request.json()
-        except ValueError:
+        except Exception:  # bad JSON, charset or nesting: no refresh token, never a 500
             return None, False
         value = body.get("refresh_token") if isinstance(body, dict) else None
         return (value, False) if isinstance(value, str) else (None, False)
@@ -1592,7 +1599,7 @@ async def refresh_session(
     try:
         if await _is_revoked(sessions, claims, now):
             raise _unauthorized(scheme)
-        used_at = await sessions.store.consume(f"used:{jti}", now, claims["exp"], now)
+        used_at = await sessions.store.consume(f"used:{jti}", now, _outlives(sessions, claims["exp"]), now)
         if used_at is not None:
             if now - used_at > sessions.grace_seconds:
                 _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
@@ -1612,22 +1619,30 @@ _REGISTERED_CLAIMS = frozenset(
 )
 
 
+def _outlives(sessions: Sessions, exp: float) -> float:
+    """Until when a store entry about a token expiring at *exp* must live: past exp by the leeway."""
+    return float(exp) + sessions.manager.leeway_seconds
+
+
 async def revoke_token(sessions: Sessions, claims: Mapping[str, Any], *, now: float | None = None) -> None:
     """Revoke one token, by its ``jti``, until it expires."""
     now = time.time() if now is None else now
-    await sessions.store.put(f"revoked:{claims['jti']}", now, float(claims["exp"]), now)
+    await sessions.store.put(f"revoked:{claims['jti']}", now, _outlives(sessions, claims["exp"]), now)
 
 
 async def revoke_family(sessions: Sessions, family: str, *, now: float | None = None) -> None:
     """Revoke every token of a login family, for as long as any of them can live."""
     now = time.time() if now is None else now
-    await sessions.store.put(f"family:{family}", now, now + sessions.refresh_seconds, now)
+    await sessions.store.put(
+        f"family:{family}", now, _outlives(sessions, now + sessions.refresh_seconds), now
+    )
 
 
 async def revoke_subject(sessions: Sessions, subject: str, *, now: float | None = None) -> None:
     """Log *subject* out everywhere: tokens issued up to this second are refused from now on."""
     now = time.time() if now is None else now
-    await sessions.store.put(f"cutoff:{subject}", float(int(now)), now + sessions.refresh_seconds, now)
+    until = _outlives(sessions, now + sessions.refresh_seconds)
+    await sessions.store.put(f"cutoff:{subject}", float(int(now)), until, now)
 
 
 async def end_session(
@@ -1782,12 +1797,19 @@ def require_claims(**expected: Any) -> Callable[[Handler], Handler]:
     <function ...>
     """
 
+    for name, value in expected.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise TypeError(f"require_claims({name}={value!r}): expect a string, number or bool")
+
+    def same(actual: Any, value: Any) -> bool:
+        return type(actual) is type(value) and actual == value  # True is no 1, 7.0 no 7
+
     def holds(claims: dict[str, Any]) -> bool:
         for name, value in expected.items():
             actual = claims.get(name)
-            in_list = isinstance(actual, list) and value in actual
+            in_list = isinstance(actual, list) and any(same(item, value) for item in actual)
             in_scope = name == "scope" and isinstance(actual, str) and value in actual.split()
-            if not (actual == value or in_list or in_scope):
+            if not (same(actual, value) or in_list or in_scope):
                 return False
         return True
 

@@ -672,11 +672,24 @@ async def test_head_requests_follow_the_get_rows(make_client: Any) -> None:
     assert (await client.head("/setattr_api")).status == 401
 
 
-async def test_cors_preflight_reaches_the_handler_without_a_token(make_client: Any) -> None:
-    client = await make_client(seed_helper(manager()))
+async def test_cors_preflight_reaches_only_an_options_route_without_a_token(make_client: Any) -> None:
+    ran: list[str] = []
+
+    async def preflight_answer(request: web.Request) -> web.Response:  # what aiohttp-cors registers
+        ran.append("preflight")
+        return web.Response(status=204)
+
+    helper = seed_helper(manager())
+    app = seed_app(helper)
+    app.router.add_route("OPTIONS", "/cors_api", preflight_answer)
+    app.router.add_post("/cors_api", echo)
+    client = await make_client(app=app)
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
-    assert (await client.options("/setattr_api", headers=preflight)).status == 200
-    assert (await client.options("/setattr_api")).status == 401
+    assert (await client.options("/cors_api", headers=preflight)).status == 204
+    assert (await client.options("/cors_api")).status == 401  # not a preflight
+    assert ran == ["preflight"]
+    # a catch-all route would run its handler for OPTIONS: a preflight there needs a token like any request
+    assert (await client.options("/setattr_api", headers=preflight)).status == 401
 
 
 async def test_factories_alone_follow_the_managers_scheme(aiohttp_client: Any) -> None:
@@ -1356,6 +1369,107 @@ async def test_cookie_sessions_refresh_with_csrf_and_log_out(make_client: Any) -
     )
     assert renewed.status == 200
     assert renewed.cookies["__Host-csrf_token"].value != jar["__Host-csrf_token"]
+
+
+async def test_revocations_and_used_refresh_tokens_outlive_the_leeway() -> None:
+    sessions = sessions_for(manager=manager(leeway=30))
+    pair = jwtplus.issue_tokens(sessions, "u", {"username": "ann"}, now=NOW)
+    access = sessions.manager.decode(pair.access, now=NOW)
+    await jwtplus.revoke_token(sessions, access, now=NOW + 1)
+    assert await jwtplus._is_revoked(sessions, access, access["exp"] + 29)  # still valid, still revoked
+    refresh = sessions.manager.decode(pair.refresh, now=NOW)
+    assert (
+        await sessions.store.consume(
+            f"used:{refresh['jti']}", NOW, jwtplus._outlives(sessions, refresh["exp"]), NOW
+        )
+        is None
+    )
+    used = await sessions.store.get_many([f"used:{refresh['jti']}"], refresh["exp"] + 29)
+    assert used == [NOW]
+
+
+async def test_a_custom_getter_reading_a_cookie_still_gets_the_csrf_check(make_client: Any) -> None:
+    sm, ran = manager(), []
+
+    def my_cookie_getter(request: web.Request) -> str | None:  # sets no TOKEN_SOURCE
+        return request.cookies.get("__Host-access_token")
+
+    for getter in (my_cookie_getter, jwtplus.any_token_getter(jwtplus.basic_token_getter, my_cookie_getter)):
+        client = await make_client(app=cookie_app(sm, ran, token_getter=getter))
+        token = jwtplus.login(web.Response(), sm, {"username": "ann"})
+        assert (await client.post("/api/thing", headers=cookie_header(token))).status == 403
+        csrf = sm.decode(token)["csrf"]
+        assert (
+            await client.post("/api/thing", headers={**cookie_header(token), "X-CSRF-Token": csrf})
+        ).status == 200
+    # a header getter says where its token came from, and needs no CSRF header
+    header_getter = jwtplus.header_token_getter("Bearer", header="X-Token")
+    client = await make_client(app=cookie_app(sm, ran, token_getter=header_getter))
+    assert (
+        await client.post("/api/thing", headers={"X-Token": f"Bearer {sm.encode({'username': 'ann'})}"})
+    ).status == 200
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json; charset=x-nope", b'{"refresh_token": "x"}'),
+        ("application/json", b"[" * 100_000 + b"]" * 100_000),
+        ("application/json", b"\xff\xfe"),
+    ],
+)
+async def test_a_bad_refresh_body_is_401_never_500(make_client: Any, content_type: str, body: bytes) -> None:
+    ran: list[str] = []
+    client = await make_client(app=session_app(sessions_for(), ran))
+    response = await client.post("/refresh", data=body, headers={"Content-Type": content_type})
+    assert response.status == 401
+
+
+def test_logout_clears_a_domain_scoped_refresh_cookie_with_its_domain() -> None:
+    policy = jwtplus.CookiePolicy(domain="example.com", refresh_path="/api/refresh")
+    response = web.Response()
+    jwtplus.logout(response, cookies=policy)
+    refresh = set_cookie_headers(response)["refresh_token"]
+    assert "Domain=example.com" in refresh
+    assert "Path=/api/refresh" in refresh
+
+
+def test_cached_nested_claims_are_not_shared_between_requests() -> None:
+    sm = manager()
+    decode = jwtplus.cached_decoder(sm)
+    token = sm.encode({"roles": ["user"], "profile": {"name": "ann"}}, now=NOW)
+    decode(token, NOW)["roles"].append("admin")
+    decode(token, NOW)["profile"]["name"] = "mallory"
+    again = decode(token, NOW)
+    assert again["roles"] == ["user"]
+    assert again["profile"] == {"name": "ann"}
+
+
+def test_require_claims_compares_types_strictly() -> None:
+    with pytest.raises(TypeError, match="require_claims"):
+        jwtplus.require_claims(tenant=None)
+
+
+async def test_require_claims_refuses_look_alike_values(make_client: Any) -> None:
+    sessions = sessions_for()
+    app = web.Application()
+    jwtplus.setup(app, JWTHelper(sessions=sessions))
+
+    @jwtplus.require_claims(admin=True, level=1)
+    async def guarded(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/guarded", guarded)
+    client = await make_client(app=app)
+    for claims, status in (
+        ({"admin": True, "level": 1}, 200),
+        ({"admin": 1, "level": 1}, 403),
+        ({"admin": True, "level": True}, 403),
+        ({"admin": True, "level": 1.0}, 403),
+        ({"admin": True, "level": [1, 2]}, 200),
+    ):
+        pair = jwtplus.issue_tokens(sessions, "u", {"username": "ann", **claims})
+        assert (await client.get("/guarded", headers=bearer(pair.access))).status == status, claims
 
 
 # ---- The verified-token cache ----
