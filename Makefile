@@ -42,6 +42,8 @@ bench: $(VENV)/.bench-installed
 	  { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)" >&2; exit 1; }
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/memory.py --output bench/results.md
+	@if command -v valgrind >/dev/null; then $(BIN)/python bench/instructions.py --output bench/results.md; \
+	  else echo "bench/instructions.py skipped: no valgrind (apt-get install valgrind)"; fi
 
 $(VENV)/.bench-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1030,53 +1030,79 @@ async def authenticate(
     without the token. *decode* is :func:`decode_token` for *manager* unless
     given (say a :func:`cached_decoder`).
     """
-    now = time.time() if now is None else now
-    try:
-        token = token_getter(request)
-        if token is not None and not isinstance(token, str):
-            token = await _maybe_await(token)
-    except AmbiguousTokenError:
-        return _MALFORMED
-    except Exception:
-        _log.warning("jwtplus: the token getter raised; request treated as invalid", exc_info=True)
-        return _INVALID
-    if token is None or token == "":
-        return _MISSING
-    try:
-        payload = decode(token, now) if decode is not None else _verify(manager, token, now)[0]
-    except jwt.ExpiredSignatureError:
-        return _EXPIRED
-    except jwt.InvalidTokenError as exc:
-        _log.debug("jwtplus: token refused (%s)", type(exc).__name__)
-        return _INVALID
-    except Exception:  # a bug, here or in PyJWT: refuse, and say so where it is seen
-        _log.warning("jwtplus: verifying a token raised; request treated as invalid", exc_info=True)
-        return _INVALID
-    if payload.get("type", "access") != "access":
-        return _INVALID  # a refresh token is never an access token
-    # fail closed: only a token a browser cannot attach by itself (a header, a query) skips the check
-    ambient = request.get(TOKEN_SOURCE) not in ("header", "query")
-    if ambient and request.method not in _SAFE_METHODS and not _csrf_ok(request, payload, cookies):
-        _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
-        return _REJECTED
-    if sessions is not None:
+    check = _authenticator(manager, token_getter, identifier, cookies, sessions, decode)
+    return await check(request, time.time() if now is None else now)
+
+
+def _authenticator(
+    manager: SecretManager,
+    token_getter: TokenGetter,
+    identifier: Identifier,
+    cookies: CookiePolicy,
+    sessions: Sessions | None,
+    decode: Callable[[str, float], dict[str, Any]] | None,
+) -> Callable[[web.Request, float], Awaitable[AuthResult]]:
+    """:func:`authenticate` with its configuration bound once: what a middleware calls per request."""
+    if decode is None:
+
+        def decode(token: str, now: float) -> dict[str, Any]:
+            return _verify(manager, token, now)[0]
+
+    verify = decode
+
+    async def check(request: web.Request, now: float) -> AuthResult:
         try:
-            if await _is_revoked(sessions, payload, now):
-                return _INVALID
-        except Exception as exc:
-            _store_failed(
-                exc, "request accepted (fail-open)" if sessions.fail_open else "request refused (503)"
-            )
-            if not sessions.fail_open:
-                return _UNAVAILABLE
-    try:
-        carry = identifier(payload)
-        if hasattr(carry, "__await__"):  # a coroutine function's, or any awaitable
-            carry = await carry
-    except Exception:
-        _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
-        return _REJECTED
-    return AuthResult("pass", carry, payload) if carry else _REJECTED
+            token = token_getter(request)
+            if token is not None and not isinstance(token, str):
+                token = await _maybe_await(token)
+        except AmbiguousTokenError:
+            return _MALFORMED
+        except Exception:
+            _log.warning("jwtplus: the token getter raised; request treated as invalid", exc_info=True)
+            return _INVALID
+        if token is None or token == "":
+            return _MISSING
+        try:
+            payload = verify(token, now)
+        except jwt.ExpiredSignatureError:
+            return _EXPIRED
+        except jwt.InvalidTokenError as exc:
+            _log.debug("jwtplus: token refused (%s)", type(exc).__name__)
+            return _INVALID
+        except Exception:  # a bug, here or in PyJWT: refuse, and say so where it is seen
+            _log.warning("jwtplus: verifying a token raised; request treated as invalid", exc_info=True)
+            return _INVALID
+        if payload.get("type", "access") != "access":
+            return _INVALID  # a refresh token is never an access token
+        # fail closed: only a token a browser cannot attach by itself (a header, a query) skips the check
+        ambient = request.get(TOKEN_SOURCE) not in ("header", "query")
+        if ambient and request.method not in _SAFE_METHODS and not _csrf_ok(request, payload, cookies):
+            _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
+            return _REJECTED
+        if sessions is not None:
+            try:
+                if await _is_revoked(sessions, payload, now):
+                    return _INVALID
+            except Exception as exc:
+                _store_failed(
+                    exc, "request accepted (fail-open)" if sessions.fail_open else "request refused (503)"
+                )
+                if not sessions.fail_open:
+                    return _UNAVAILABLE
+        try:
+            carry = identifier(payload)
+            if hasattr(carry, "__await__"):  # a coroutine function's, or any awaitable
+                carry = await carry
+        except Exception:
+            _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
+            return _REJECTED
+        if not carry:
+            return _REJECTED
+        return tuple.__new__(
+            AuthResult, ("pass", carry, payload)
+        )  # AuthResult(...), without its Python __new__
+
+    return check
 
 
 # ---- The routing decision ----
@@ -1229,18 +1255,23 @@ def _identifier(
         token_getter = header_token_getter(manager.scheme)
         if cookies is not None:
             token_getter = any_token_getter(token_getter, cookie_token_getter(cookies.token_cookie))
-    getter, identify_payload = token_getter, identifier or basic_identifier
-    policy, decode = cookies or DEFAULT_COOKIES, cached_decoder(manager, size=cache_size)
+    check = _authenticator(
+        manager,
+        token_getter,
+        identifier or basic_identifier,
+        cookies or DEFAULT_COOKIES,
+        sessions,
+        cached_decoder(manager, size=cache_size),
+    )
+    clock = time.time
 
     async def identify(request: web.Request) -> AuthStatus:
-        result = await authenticate(
-            request, manager, getter, identify_payload, cookies=policy, sessions=sessions, decode=decode
-        )
-        request[AUTH_STATUS] = result.status
-        request[AUTH_CARRY] = result.carry
-        request[AUTH_CLAIMS] = result.claims
-        _set_seed_keys(request, result.status, result.carry)
-        return result.status
+        status, carry, claims = await check(request, clock())
+        request[AUTH_STATUS] = status
+        request[AUTH_CARRY] = carry
+        request[AUTH_CLAIMS] = claims
+        _set_seed_keys(request, status, carry)
+        return status
 
     return identify
 
@@ -1330,9 +1361,9 @@ def router_middleware(
     @web.middleware
     async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
         target = route(request, get_auth_status(request))
-        if isinstance(target, web.StreamResponse):
-            return target
-        return await (target or handler)(request)
+        if target is None:
+            return await handler(request)
+        return target if isinstance(target, web.StreamResponse) else await target(request)
 
     return jwt_router
 
@@ -1359,9 +1390,9 @@ def jwt_middleware(
     @web.middleware
     async def jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         target = route(request, await identify(request))
-        if isinstance(target, web.StreamResponse):
-            return target
-        return await (target or handler)(request)
+        if target is None:
+            return await handler(request)
+        return target if isinstance(target, web.StreamResponse) else await target(request)
 
     return jwt_auth
 

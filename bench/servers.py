@@ -98,15 +98,25 @@ def middlewares(mode: str, secret: str) -> list[Middleware]:
     raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
 
 
-async def serve(mode: str, secret: str) -> None:
+async def serve(mode: str, secret: str, exit_after: int = 0) -> None:
+    """Serve until killed, or (for bench/instructions.py) until *exit_after* answers to /hello."""
+    done, answered = asyncio.Event(), 0
+
+    async def hello_then_maybe_exit(request: web.Request) -> web.Response:
+        nonlocal answered
+        answered += 1
+        if answered == exit_after:
+            asyncio.get_running_loop().call_later(0.05, done.set)
+        return await hello(request)
+
     app = web.Application(middlewares=middlewares(mode, secret))
-    app.router.add_get(PATH, hello)
+    app.router.add_get(PATH, hello_then_maybe_exit if exit_after else hello)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        await web.TCPSite(runner, "127.0.0.1", int(os.environ.get("BENCH_PORT", "0"))).start()
         print(runner.addresses[0][1], flush=True)
-        await asyncio.Event().wait()  # until killed
+        await done.wait()
     finally:
         await runner.cleanup()
 
@@ -115,13 +125,13 @@ def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] not in MODES or argv[1] not in LOOPS:
         sys.exit(f"usage: BENCH_SECRET=... servers.py {{{'|'.join(MODES)}}} {{{'|'.join(LOOPS)}}}")
     mode, loop = argv
-    secret = os.environ["BENCH_SECRET"]
+    secret, exit_after = os.environ["BENCH_SECRET"], int(os.environ.get("BENCH_EXIT_AFTER", "0"))
     if loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(mode, secret))
+        uvloop.run(serve(mode, secret, exit_after))
     else:
-        asyncio.run(serve(mode, secret))
+        asyncio.run(serve(mode, secret, exit_after))
 
 
 if __name__ == "__main__":
