@@ -1,10 +1,12 @@
 """JWT authentication for aiohttp servers, in one file.
 
-jwtplus signs and checks JSON Web Tokens (HMAC, via PyJWT), rotates its keys
-from the clock so that every worker agrees without talking to the others, and
-puts the SPA routing table of aiohttp-jwtplus 0.2.0 in front of your handlers:
-a logged-in user gets the app, everyone else the login page, and protected APIs
-answer 401 or 403 before their handler runs.
+jwtplus signs and checks JSON Web Tokens (HMAC; PyJWT's errors and key checks),
+rotates its keys from the clock so that every worker agrees without talking to
+the others, and puts the SPA routing table of aiohttp-jwtplus 0.2.0 in front of
+your handlers: a logged-in user gets the app, everyone else the login page, and
+protected APIs answer 401 or 403 before their handler runs. For browsers, tokens
+travel in HttpOnly cookies with CSRF protection; sessions pair short access
+tokens with refresh tokens that can be revoked, in memory or in Redis.
 
 Quick start::
 
@@ -21,8 +23,10 @@ Quick start::
     # a client sends:  Authorization: Bearer <manager.encode({"username": "ann"})>
 
 Depends on aiohttp and PyJWT only. Read it top to bottom: errors, durations,
-configuration, keys and rotation, encode/decode, token getters, identifiers,
-the routing decision, middleware factories, aiohttp wiring, the seed's names.
+configuration, keys and rotation, encode/decode, request keys, token getters,
+identifiers, the routing decision, middleware factories, cookies, sessions,
+revocation stores, guards, aiohttp wiring, the seed's names
+(``grep '^# ----' jwtplus.py`` lists them).
 """
 
 from __future__ import annotations
