@@ -34,8 +34,9 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/spa_demo.py --host 127.0.0.1 --port 8080
 
 ## bench: jwtplus against bare aiohttp and its peers under wrk, and encode/decode against PyJWT;
-## prints a Markdown table and writes it to bench/results.md (about 10 minutes; BENCH_ROUNDS=1
-## BENCH_DURATION=2 make bench for a quick look). Needs wrk, taskset and two CPUs.
+## prints a Markdown table and writes it to bench/results.md, then the cache's memory bound and
+## instructions per request under callgrind (about 15 minutes; BENCH_ROUNDS=1 BENCH_DURATION=2
+## make bench for a quick look). Needs wrk, taskset, two CPUs and (for the last part) valgrind.
 bench: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; } || \
