@@ -35,11 +35,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import aiohttp
 import jwt
 import pytest
 import yarl
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -128,7 +129,7 @@ def test_secret_manager_defaults_follow_the_seed() -> None:
     sm = SecretManager()
     assert (sm.refresh_interval, sm.scheme, sm.algorithm, sm.exptime) == (0, "Bearer", "HS256", "30d")
     assert sm.exptime_seconds == 30 * 86400
-    assert sm.refresh_seconds == 0
+    assert sm.rotation_seconds == 0
     token = sm.encode({"username": "ann"})
     assert SecretManager().decode is not None
     with pytest.raises(jwt.InvalidSignatureError):
@@ -145,7 +146,7 @@ def test_secret_manager_is_frozen_and_hides_its_secret() -> None:
 
 def test_secret_manager_accepts_seed_positional_arguments() -> None:
     sm = SecretManager(SECRET * 2, "1h", "JWT", "HS512", "15m", leeway=5)
-    assert (sm.refresh_seconds, sm.scheme, sm.algorithm, sm.exptime_seconds, sm.leeway_seconds) == (
+    assert (sm.rotation_seconds, sm.scheme, sm.algorithm, sm.exptime_seconds, sm.leeway_seconds) == (
         3600,
         "JWT",
         "HS512",
@@ -697,7 +698,7 @@ async def test_factories_alone_follow_the_managers_scheme(aiohttp_client: Any) -
     rules = RoutingRules(protected_apis=("/setattr_api",))
     app = web.Application(
         middlewares=[
-            jwtplus.identifier_middleware(manager=sm),
+            jwtplus.authentication_middleware(manager=sm),
             jwtplus.router_middleware(rules=rules, scheme=sm.scheme),
         ]
     )
@@ -820,7 +821,7 @@ async def test_custom_identifiers(
 async def test_no_not_app_key_warning_reaches_users(make_client: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        jwtplus._quiet_keys.clear()
+        web.BaseRequest._seen_str_keys.difference_update({"auth_status", "auth_carry"})  # as if first
         client = await make_client(seed_helper(manager()))
         assert (await client.get("/login_api")).status == 200
 
@@ -873,7 +874,7 @@ def test_show_request_info_prints_no_token(capsys: pytest.CaptureFixture[str]) -
 
 def test_functools_composition_of_the_factories() -> None:
     sm = manager()
-    identify = functools.partial(jwtplus.identifier_middleware, manager=sm)
+    identify = functools.partial(jwtplus.authentication_middleware, manager=sm)
     assert callable(identify(identifier=async_username))
     with pytest.raises(ValueError, match="login_page"):
         jwtplus.router_middleware(rules=SPA)
@@ -909,7 +910,7 @@ def set_cookie_headers(response: web.StreamResponse) -> dict[str, str]:
 def test_login_sets_both_cookies_with_strict_attributes() -> None:
     sm = manager(exptime="1h")
     response = web.Response()
-    token = jwtplus.login(response, sm, {"username": "ann"}, now=NOW)
+    token = jwtplus.set_login_cookies(response, sm, {"username": "ann"}, now=NOW)
     headers = set_cookie_headers(response)
     access, csrf = headers["__Host-access_token"], headers["__Host-csrf_token"]
     for attribute in ("Secure", "SameSite=Lax", "Path=/", "Max-Age=3600"):
@@ -928,7 +929,7 @@ def test_cookie_attributes_are_overridable() -> None:
         name="tok", samesite="Strict", path="/app", domain="example.com", secure=False, httponly=False
     )
     response = web.Response()
-    jwtplus.login(response, sm, {"username": "ann"}, cookies=policy)
+    jwtplus.set_login_cookies(response, sm, {"username": "ann"}, cookies=policy)
     access = set_cookie_headers(response)["tok"]
     assert "SameSite=Strict" in access
     assert "Path=/app" in access
@@ -944,7 +945,7 @@ def test_a_bad_token_never_becomes_a_cookie() -> None:
 
 def test_logout_clears_both_cookies_under_both_spellings() -> None:
     response = web.Response()
-    jwtplus.logout(response)
+    jwtplus.clear_login_cookies(response)
     headers = set_cookie_headers(response)
     assert set(headers) == {
         "__Host-access_token",
@@ -987,7 +988,7 @@ async def test_a_token_cookie_authenticates_safe_requests_and_pages(make_client:
     sm, ran = manager(), []
     client = await make_client(app=cookie_app(sm, ran))
     response = web.Response()
-    token = jwtplus.login(response, sm, {"username": "ann"})
+    token = jwtplus.set_login_cookies(response, sm, {"username": "ann"})
     body = await (await client.get("/api/thing", headers=cookie_header(token))).json()
     assert body == {"source": "cookie", "status": "pass"}
     assert (
@@ -1001,7 +1002,7 @@ async def test_a_token_cookie_authenticates_safe_requests_and_pages(make_client:
 async def test_unsafe_cookie_requests_need_the_csrf_header(make_client: Any, method: str) -> None:
     sm, ran = manager(), []
     client = await make_client(app=cookie_app(sm, ran))
-    token = jwtplus.login(web.Response(), sm, {"username": "ann"})
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"})
     csrf = sm.decode(token)["csrf"]
     for headers in (
         cookie_header(token, csrf),  # the cookie alone: what a cross-site form sends
@@ -1029,7 +1030,7 @@ async def test_trusted_origins_may_send_unsafe_requests(make_client: Any) -> Non
     sm, ran = manager(), []
     policy = jwtplus.CookiePolicy(trusted_origins=("https://app.example",))
     client = await make_client(app=cookie_app(sm, ran, cookies=policy))
-    token = jwtplus.login(web.Response(), sm, {"username": "ann"}, cookies=policy)
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=policy)
     csrf = sm.decode(token)["csrf"]
     headers = {**cookie_header(token), "X-CSRF-Token": csrf}
     assert (
@@ -1158,7 +1159,7 @@ def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
             request, sessions, cookies=cookies, everywhere=body.get("everywhere", False)
         )
         response = web.json_response({"ok": True})
-        jwtplus.logout(response, cookies=cookies)
+        jwtplus.clear_login_cookies(response, cookies=cookies)
         return response
 
     @routes.get("/me")
@@ -1363,7 +1364,7 @@ async def test_cookie_sessions_refresh_with_csrf_and_log_out(make_client: Any) -
     assert refresh_cookie["samesite"] == "Strict"
     cookie = "; ".join(f"{k}={v}" for k, v in jar.items())
     refused = await client.post("/refresh", headers={"Cookie": cookie})  # no CSRF header
-    assert refused.status == 401
+    assert refused.status == 403  # a CSRF failure is 403, as everywhere else
     renewed = await client.post(
         "/refresh", headers={"Cookie": cookie, "X-CSRF-Token": jar["__Host-csrf_token"]}
     )
@@ -1396,7 +1397,7 @@ async def test_a_custom_getter_reading_a_cookie_still_gets_the_csrf_check(make_c
 
     for getter in (my_cookie_getter, jwtplus.any_token_getter(jwtplus.basic_token_getter, my_cookie_getter)):
         client = await make_client(app=cookie_app(sm, ran, token_getter=getter))
-        token = jwtplus.login(web.Response(), sm, {"username": "ann"})
+        token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"})
         assert (await client.post("/api/thing", headers=cookie_header(token))).status == 403
         csrf = sm.decode(token)["csrf"]
         assert (
@@ -1428,7 +1429,7 @@ async def test_a_bad_refresh_body_is_401_never_500(make_client: Any, content_typ
 def test_logout_clears_a_domain_scoped_refresh_cookie_with_its_domain() -> None:
     policy = jwtplus.CookiePolicy(domain="example.com", refresh_path="/api/refresh")
     response = web.Response()
-    jwtplus.logout(response, cookies=policy)
+    jwtplus.clear_login_cookies(response, cookies=policy)
     refresh = set_cookie_headers(response)["refresh_token"]
     assert "Domain=example.com" in refresh
     assert "Path=/api/refresh" in refresh
@@ -1541,6 +1542,731 @@ async def test_a_cached_token_is_still_checked_for_revocation(make_client: Any) 
     assert (await client.get("/me", headers=bearer(pair["access"]))).status == 200  # now cached
     await jwtplus.revoke_token(sessions, sessions.manager.decode(pair["access"]))
     assert (await client.get("/me", headers=bearer(pair["access"]))).status == 401
+
+
+# ---- The authentication pipeline: checks ----
+
+
+def checked_app(ran: list[str], checks: Sequence[Any], **helper_args: Any) -> web.Application:
+    """An API app whose /api handlers record that they ran, with *checks* in its pipeline."""
+    helper = JWTHelper(secret_manager=manager(), checks=checks, **helper_args)
+    app = web.Application()
+    jwtplus.setup(app, helper)
+
+    async def api(request: web.Request) -> web.Response:
+        ran.append(request.method)
+        return web.json_response({"tenant": request[jwtplus.AUTH_CLAIMS]["tenant"]})
+
+    app.router.add_route("*", "/api", api)
+    return app
+
+
+def same_tenant(request: web.Request, claims: dict[str, Any], now: float) -> str | None:
+    return None if claims.get("tenant") == request.headers.get("X-Tenant") else "rejected"
+
+
+async def an_async_check(request: web.Request, claims: dict[str, Any], now: float) -> str | None:
+    await asyncio.sleep(0)
+    return None if claims.get("tenant") == request.headers.get("X-Tenant") else "rejected"
+
+
+@pytest.mark.parametrize("check", [same_tenant, an_async_check], ids=["plain", "async"])
+async def test_a_check_of_your_own_joins_the_pipeline(make_client: Any, check: Any) -> None:
+    ran: list[str] = []
+    client = await make_client(app=checked_app(ran, (check,)))
+    token = manager().encode({"username": "ann", "tenant": "acme"})
+    ok = await client.get("/api", headers={**bearer(token), "X-Tenant": "acme"})
+    assert (ok.status, await ok.json()) == (200, {"tenant": "acme"})
+    other = await client.get("/api", headers={**bearer(token), "X-Tenant": "globex"})
+    assert other.status == 403
+    assert other.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
+    assert ran == ["GET"]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status"),
+    [
+        ("invalid", 401),
+        ("expired", 401),
+        ("rejected", 403),
+        ("unavailable", 503),
+        (False, 403),
+        (True, 403),
+        ("pass", 403),
+        (0, 403),
+    ],
+)
+async def test_a_check_refuses_with_its_status_and_anything_but_none_fails_closed(
+    make_client: Any, verdict: Any, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+    client = await make_client(app=checked_app(ran, (lambda request, claims, now: verdict,)))
+    token = manager().encode({"username": "ann", "tenant": "acme"})
+    assert (await client.get("/api", headers=bearer(token))).status == status
+    assert ran == []
+    if verdict not in ("invalid", "expired", "rejected", "unavailable"):
+        assert "not None or a status" in caplog.text
+
+
+async def test_a_check_that_raises_rejects_and_logs_without_the_token(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(request: web.Request, claims: dict[str, Any], now: float) -> str | None:
+        raise KeyError("tenant")
+
+    ran: list[str] = []
+    client = await make_client(app=checked_app(ran, (broken,)))
+    token = manager().encode({"username": "ann"})
+    assert (await client.get("/api", headers=bearer(token))).status == 403
+    assert ran == []
+    assert "a check raised" in caplog.text
+    assert token not in caplog.text
+
+
+async def test_checks_of_your_own_never_drop_the_csrf_check(make_client: Any) -> None:
+    ran: list[str] = []
+    cookies = jwtplus.CookiePolicy()
+    client = await make_client(app=checked_app(ran, (same_tenant,), cookies=cookies))
+    response = web.Response()
+    jwtplus.set_login_cookies(response, manager(), {"username": "ann", "tenant": "acme"})
+    jar = {m.key: m.value for m in response.cookies.values()}
+    cookie = "; ".join(f"{k}={v}" for k, v in jar.items())
+    no_csrf = await client.post("/api", headers={"Cookie": cookie, "X-Tenant": "acme"})
+    assert no_csrf.status == 403
+    csrf = await client.post(
+        "/api", headers={"Cookie": cookie, "X-Tenant": "acme", "X-CSRF-Token": jar["__Host-csrf_token"]}
+    )
+    assert csrf.status == 200
+    assert ran == ["POST"]
+    functional = jwtplus.jwt_middleware(
+        manager=manager(),
+        rules=RoutingRules(),
+        checks=(same_tenant,),
+        token_getter=jwtplus.cookie_token_getter(),
+    )
+    app = web.Application(middlewares=[functional])
+    app.router.add_route("*", "/api", echo)
+    bare = await make_client(app=app)
+    assert (await bare.post("/api", headers={"Cookie": cookie, "X-Tenant": "acme"})).status == 403
+
+
+def test_checks_are_refused_at_construction_unless_a_list_of_functions() -> None:
+    with pytest.raises(TypeError, match="trailing comma"):
+        JWTHelper(secret_manager=manager(), checks=same_tenant)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="each check is a function"):
+        jwtplus.jwt_middleware(manager=manager(), rules=RoutingRules(), checks=("tenant",))  # type: ignore[arg-type]
+
+
+async def test_authenticate_runs_the_pipeline_on_one_request() -> None:
+    sm = manager()
+    token = sm.encode({"username": "ann"}, now=NOW)
+    get = functools.partial(make_mocked_request, "GET", "/x")
+    passed = await jwtplus.authenticate(get(headers=bearer(token)), sm, now=NOW)
+    assert (passed.status, passed.carry["username"], passed.claims["jti"]) == (
+        "pass",
+        "ann",
+        passed.claims["jti"],
+    )
+    assert (await jwtplus.authenticate(get(), sm, now=NOW)).status == "missing"
+    assert (
+        await jwtplus.authenticate(get(headers=bearer(token)), sm, now=NOW + 31 * 86400)
+    ).status == "expired"
+    assert (await jwtplus.authenticate(get(headers=bearer(tampered(token))), sm, now=NOW)).status == "invalid"
+    refresh = sm.encode({"username": "ann", "type": "refresh"}, now=NOW)
+    assert (await jwtplus.authenticate(get(headers=bearer(refresh)), sm, now=NOW)).status == "invalid"
+    typed = await jwtplus.authenticate(get(headers=bearer(refresh)), sm, token_type="refresh", now=NOW)
+    assert typed.status == "pass"
+    nobody = sm.encode({"name": "ann"}, now=NOW)
+    assert (await jwtplus.authenticate(get(headers=bearer(nobody)), sm, now=NOW)).status == "rejected"
+    refused = await jwtplus.authenticate(
+        get(headers=bearer(token)), sm, checks=(lambda r, c, n: "unavailable",), now=NOW
+    )
+    assert refused == jwtplus.AuthResult("unavailable")
+    cookie_post = make_mocked_request("POST", "/x", headers={"Cookie": f"__Host-access_token={token}"})
+    getter = jwtplus.cookie_token_getter()
+    assert (await jwtplus.authenticate(cookie_post, sm, getter, now=NOW)).status == "rejected"  # CSRF
+    with pytest.raises(ValueError, match=r'token_type=.*"access" or "refresh"'):
+        await jwtplus.authenticate(get(), sm, token_type="id")
+
+
+def test_the_verified_token_cache_says_how_full_it_is() -> None:
+    sm = manager()
+    decode = jwtplus.cached_decoder(sm, size=2)
+    tokens = [sm.encode({"username": f"u{i}"}, now=NOW) for i in range(3)]
+    decode(tokens[0], NOW)
+    decode(tokens[0], NOW)
+    assert decode.cache_info() == jwtplus.CacheInfo(hits=1, misses=1, maxsize=2, currsize=1)
+    for token in tokens:
+        decode(token, NOW)
+    assert decode.cache_info() == jwtplus.CacheInfo(hits=2, misses=3, maxsize=2, currsize=2)
+    off = jwtplus.cached_decoder(sm, size=0)
+    off(tokens[0], NOW)
+    off(tokens[0], NOW)
+    assert off.cache_info() == jwtplus.CacheInfo(hits=0, misses=2, maxsize=0, currsize=0)
+
+
+async def test_a_middleware_reports_on_its_cache(make_client: Any) -> None:
+    helper = seed_helper(manager())
+    middleware = helper.middleware()
+    app = web.Application(middlewares=[middleware])
+    app.router.add_get("/setattr_api", echo)
+    client = await make_client(app=app)
+    token = manager().encode({"username": "ann"})
+    for _ in range(3):
+        assert (await client.get("/setattr_api", headers=bearer(token))).status == 200
+    info = middleware.cache_info()  # type: ignore[attr-defined]
+    assert (info.hits, info.misses, info.currsize) == (2, 1, 1)
+
+
+# ---- Guards and route options: data on the handler, enforced by the middleware ----
+
+GUARD_WIRINGS = ["seed pair", "setup", "functional pair", "one functional layer", "authentication only"]
+
+
+def wired_app(
+    wiring: str, routes: web.RouteTableDef, sm: SecretManager | None = None, **helper_args: Any
+) -> web.Application:
+    """An app holding *routes* behind jwtplus, wired each way a user can."""
+    sm = sm or manager()
+    helper = JWTHelper(secret_manager=sm, **helper_args)
+    if wiring == "seed pair":
+        app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+    elif wiring == "setup":
+        app = web.Application()
+        jwtplus.setup(app, helper)
+    elif wiring == "functional pair":
+        app = web.Application(
+            middlewares=[
+                jwtplus.authentication_middleware(manager=sm, checks=helper.all_checks),
+                jwtplus.router_middleware(rules=helper.rules, scheme=sm.scheme),
+            ]
+        )
+    elif wiring == "one functional layer":
+        app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=sm, rules=helper.rules)])
+    else:
+        app = web.Application(middlewares=[jwtplus.authentication_middleware(manager=sm)])
+    app.add_routes(routes)
+    return app
+
+
+def guarded_routes(ran: list[str], guard_above: bool) -> web.RouteTableDef:
+    """POST /admin guarded by require_claims(role="admin"), the guard above or below the route decorator."""
+    routes = web.RouteTableDef()
+
+    async def admin(request: web.Request) -> web.Response:
+        ran.append("admin")
+        return web.json_response({"ok": True})
+
+    if guard_above:
+        jwtplus.require_claims(role="admin")(routes.post("/admin")(admin))
+    else:
+        routes.post("/admin")(jwtplus.require_claims(role="admin")(admin))
+    return routes
+
+
+@pytest.mark.parametrize("guard_above", [True, False], ids=["guard above the route", "guard below"])
+@pytest.mark.parametrize("wiring", GUARD_WIRINGS)
+async def test_a_guard_holds_whatever_the_decorator_order_and_wiring(
+    make_client: Any, wiring: str, guard_above: bool
+) -> None:
+    ran: list[str] = []
+    sm = manager()
+    client = await make_client(
+        app=wired_app(wiring, guarded_routes(ran, guard_above), sm, whitelist=("/admin",))
+    )
+    user = sm.encode({"username": "ann", "role": "user"})
+    admin = sm.encode({"username": "root", "role": "admin"})
+    forbidden = await client.post("/admin", headers=bearer(user))
+    assert forbidden.status == 403
+    assert forbidden.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
+    missing = await client.post("/admin")  # whitelisted: only the guard stands in the way
+    assert (missing.status, missing.headers["WWW-Authenticate"]) == (401, "Bearer")
+    expired = await client.post("/admin", headers=bearer(sm.encode({"role": "admin"}, now=NOW - 40 * 86400)))
+    assert (expired.status, expired.headers["WWW-Authenticate"]) == (401, 'Bearer error="invalid_token"')
+    assert ran == []
+    assert (await client.post("/admin", headers=bearer(admin))).status == 200
+    assert ran == ["admin"]
+
+
+@pytest.mark.parametrize("wiring", GUARD_WIRINGS)
+async def test_guards_on_a_class_based_view_and_its_methods(make_client: Any, wiring: str) -> None:
+    ran: list[str] = []
+    routes = web.RouteTableDef()
+
+    @routes.view("/items")
+    class Items(web.View):
+        async def get(self) -> web.Response:
+            ran.append("get")
+            return web.json_response({"items": []})
+
+        @jwtplus.login_required
+        async def post(self) -> web.Response:
+            ran.append("post")
+            return web.json_response({"by": self.request[jwtplus.AUTH_CLAIMS]["username"]})
+
+        @jwtplus.require_claims(role="admin")
+        async def delete(self) -> web.Response:
+            ran.append("delete")
+            return web.json_response({"ok": True})
+
+    @routes.view("/secret")
+    @jwtplus.login_required
+    class Secret(web.View):
+        async def get(self) -> web.Response:
+            ran.append("secret")
+            return web.json_response({"ok": True})
+
+    sm = manager()
+    client = await make_client(app=wired_app(wiring, routes, sm, whitelist=("/items", "/secret")))
+    token = bearer(sm.encode({"username": "ann", "role": "user"}))
+    assert (await client.get("/items")).status == 200
+    assert (await client.post("/items")).status == 401
+    assert (await client.delete("/items", headers=token)).status == 403
+    assert (await client.get("/secret")).status == 401
+    posted = await client.post("/items", headers=token)
+    assert (posted.status, await posted.json()) == (200, {"by": "ann"})
+    assert (await client.get("/secret", headers=token)).status == 200
+    assert ran == ["get", "post", "secret"]
+
+
+@pytest.mark.parametrize("wiring", GUARD_WIRINGS)
+async def test_a_guards_answer_uses_the_managers_scheme(make_client: Any, wiring: str) -> None:
+    ran: list[str] = []
+    sm = manager(scheme="JWT")
+    client = await make_client(app=wired_app(wiring, guarded_routes(ran, True), sm, whitelist=("/admin",)))
+    missing = await client.post("/admin")
+    assert (missing.status, missing.headers["WWW-Authenticate"]) == (401, "JWT")
+    user = {"Authorization": f"JWT {sm.encode({'username': 'ann'})}"}
+    forbidden = await client.post("/admin", headers=user)
+    assert forbidden.headers["WWW-Authenticate"] == 'JWT error="insufficient_scope"'
+    assert ran == []
+
+
+async def test_a_guard_without_a_jwtplus_middleware_fails_loudly(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+    app = web.Application()
+    app.add_routes(guarded_routes(ran, guard_above=False))
+    client = await aiohttp_client(app)
+    sm = manager()
+    response = await client.post("/admin", headers=bearer(sm.encode({"role": "admin"})))
+    assert response.status == 500
+    assert ran == []
+    assert "without the jwtplus middleware" in caplog.text
+
+
+def test_a_guard_refuses_what_cannot_carry_a_policy() -> None:
+    with pytest.raises(TypeError, match="decorates a handler"):
+        jwtplus.login_required("not a handler")  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="predicate"):
+        jwtplus.require("role")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="at least one claim"):
+        jwtplus.require_claims()
+    with pytest.raises(ValueError, match="cannot also be optional"):
+        jwtplus.login_required(jwtplus.route_options(optional=True)(echo_copy()))
+    with pytest.raises(ValueError, match="locations="):
+        jwtplus.route_options(locations=("url",))
+    with pytest.raises(ValueError, match=r'token_type=.*"access" or "refresh"'):
+        jwtplus.route_options(token_type="id")
+    with pytest.raises(ValueError, match="disagree on locations"):
+        jwtplus.route_options(locations=("query",))(jwtplus.route_options(locations=("header",))(echo_copy()))
+
+
+def echo_copy() -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return await echo(request)
+
+    return handler
+
+
+SCOPES = [
+    ("read write", 200),
+    ("write", 200),
+    ("write read", 200),
+    ("read writer", 403),
+    ("rewrite", 403),
+    ("read,write", 403),
+    ("", 403),
+    (["write"], 200),
+    (["read"], 403),
+    (None, 403),
+]
+
+
+@pytest.mark.parametrize(("scope", "status"), SCOPES)
+async def test_require_claims_matches_whole_scope_words(make_client: Any, scope: Any, status: int) -> None:
+    routes = web.RouteTableDef()
+    ran: list[str] = []
+
+    @routes.post("/write")
+    @jwtplus.require_claims(scope="write")
+    async def write(request: web.Request) -> web.Response:
+        ran.append("write")
+        return web.json_response({"ok": True})
+
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm))
+    claims = {"username": "ann"} if scope is None else {"username": "ann", "scope": scope}
+    assert (await client.post("/write", headers=bearer(sm.encode(claims)))).status == status
+    assert ran == (["write"] if status == 200 else [])
+
+
+async def test_login_required_on_a_whitelisted_route_needs_a_token(make_client: Any) -> None:
+    routes = web.RouteTableDef()
+    ran: list[str] = []
+
+    @routes.get("/profile")
+    @jwtplus.login_required
+    async def profile(request: web.Request) -> web.Response:
+        ran.append("profile")
+        return web.json_response({"you": request[jwtplus.AUTH_CLAIMS]["username"]})
+
+    sm = manager()
+    client = await make_client(app=wired_app("seed pair", routes, sm, whitelist=("/profile",)))
+    assert (await client.get("/profile")).status == 401
+    assert (
+        await client.get("/profile", headers=bearer(tampered(sm.encode({"username": "a"}))))
+    ).status == 401
+    assert ran == []
+    ok = await client.get("/profile", headers=bearer(sm.encode({"username": "ann"})))
+    assert (ok.status, await ok.json()) == (200, {"you": "ann"})
+
+
+async def test_fresh_login_required_wants_fresh_true_exactly(make_client: Any) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.post("/password")
+    @jwtplus.fresh_login_required
+    async def password(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm))
+    for fresh, status in ((True, 200), (False, 401), ("true", 401), (1, 401), (None, 401)):
+        claims = {"username": "ann"} if fresh is None else {"username": "ann", "fresh": fresh}
+        assert (await client.post("/password", headers=bearer(sm.encode(claims)))).status == status, fresh
+
+
+def optional_routes(ran: list[str]) -> web.RouteTableDef:
+    routes = web.RouteTableDef()
+
+    @routes.get("/feed")
+    @jwtplus.route_options(optional=True)
+    async def feed(request: web.Request) -> web.Response:
+        ran.append("feed")
+        carry = request[jwtplus.AUTH_CARRY]
+        return web.json_response(
+            {"status": request[jwtplus.AUTH_STATUS], "user": carry and carry["username"]}
+        )
+
+    return routes
+
+
+@pytest.mark.parametrize("whitelisted", [False, True])
+async def test_an_optional_route_admits_no_token_but_never_a_bad_one(
+    make_client: Any, whitelisted: bool
+) -> None:
+    ran: list[str] = []
+    sm = manager()
+    args = {"whitelist": ("/feed",)} if whitelisted else {"protected_apis": ("/feed",)}
+    client = await make_client(app=wired_app("setup", optional_routes(ran), sm, **args))
+    anonymous = await client.get("/feed")
+    assert (anonymous.status, await anonymous.json()) == (200, {"status": "missing", "user": None})
+    known = await client.get("/feed", headers=bearer(sm.encode({"username": "ann"})))
+    assert (known.status, await known.json()) == (200, {"status": "pass", "user": "ann"})
+    assert ran == ["feed", "feed"]
+    for bad in (tampered(sm.encode({"username": "a"})), sm.encode({"username": "a"}, now=NOW - 40 * 86400)):
+        refused = await client.get("/feed", headers=bearer(bad))
+        assert (refused.status, refused.headers["WWW-Authenticate"]) == (401, 'Bearer error="invalid_token"')
+    assert ran == ["feed", "feed"]
+
+
+def test_decide_optional_routes() -> None:
+    rules = RoutingRules(whitelist=("/open",), protected_apis=("/api",))
+    for path in ("/open", "/api", "/page"):
+        assert decide(rules, path, "GET", True, "missing", optional=True) is Action.HANDLER
+        assert decide(rules, path, "POST", True, "pass", optional=True) is Action.HANDLER
+        assert decide(rules, path, "GET", True, "invalid", optional=True) is Action.UNAUTHORIZED
+        assert decide(rules, path, "GET", True, "expired", optional=True) is Action.UNAUTHORIZED
+        assert decide(rules, path, "GET", True, "rejected", optional=True) is Action.FORBIDDEN
+        assert decide(rules, path, "GET", True, "unavailable", optional=True) is Action.UNAVAILABLE
+        assert decide(rules, path, "GET", True, "malformed", optional=True) is Action.BAD_REQUEST
+    assert decide(rules, "/api", "GET", True, "missing") is Action.UNAUTHORIZED
+
+
+async def test_a_websocket_route_can_take_its_token_from_the_query_alone(make_client: Any) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.get("/ws")
+    @jwtplus.route_options(locations=("query",))
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(
+            {"user": request[jwtplus.AUTH_CARRY]["username"], "source": request[jwtplus.TOKEN_SOURCE]}
+        )
+        await ws.close()
+        return ws
+
+    @routes.get("/api")
+    async def api(request: web.Request) -> web.Response:
+        return web.json_response({"source": request[jwtplus.TOKEN_SOURCE]})
+
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm, protected_apis=("/.*",)))
+    token = sm.encode({"username": "ann"})
+    async with client.ws_connect(f"/ws?access_token={token}") as ws:
+        assert await ws.receive_json() == {"user": "ann", "source": "query"}
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", headers=bearer(token))
+    assert refused.value.status == 401
+    assert (await client.get(f"/api?access_token={token}")).status == 401  # elsewhere, no query tokens
+    assert (await client.get("/api", headers=bearer(token))).status == 200
+
+
+async def test_a_route_can_want_a_refresh_token(make_client: Any) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.post("/exchange")
+    @jwtplus.route_options(token_type="refresh", locations=("header",))
+    async def exchange(request: web.Request) -> web.Response:
+        return web.json_response({"type": request[jwtplus.AUTH_CLAIMS]["type"]})
+
+    sm = manager()
+    client = await make_client(app=wired_app("seed pair", routes, sm))
+    access = sm.encode({"username": "ann", "type": "access"})
+    refresh = sm.encode({"username": "ann", "type": "refresh"})
+    assert (await client.post("/exchange", headers=bearer(access))).status == 401
+    ok = await client.post("/exchange", headers=bearer(refresh))
+    assert (ok.status, await ok.json()) == (200, {"type": "refresh"})
+    assert jwtplus.RoutePolicy(token_type="refresh").token_type == "refresh"
+
+
+# ---- Logout in every state; jti optional; whitelisted paths and the store ----
+
+
+def readme_session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
+    """The README's session wiring: only /api/login whitelisted; refresh and logout are session routes."""
+    cookies = jwtplus.CookiePolicy()
+    helper = JWTHelper(
+        sessions=sessions, cookies=cookies, whitelist=("/api/login",), protected_apis=("/api/.*",)
+    )
+    routes = web.RouteTableDef()
+
+    @routes.post("/api/login")
+    async def api_login(request: web.Request) -> web.Response:
+        body = await request.json()
+        response = web.json_response({"ok": True})
+        pair = jwtplus.start_session(
+            response, sessions, body["sub"], {"username": body["sub"]}, cookies=cookies
+        )
+        response.text = json.dumps({"access": pair.access, "refresh": pair.refresh})
+        return response
+
+    @routes.post("/api/refresh")
+    @jwtplus.session_route
+    async def api_refresh(request: web.Request) -> web.Response:
+        pair = await jwtplus.refresh_session(request, sessions, cookies=cookies)
+        response = web.json_response({"access": pair.access, "refresh": pair.refresh})
+        jwtplus.set_session_cookies(response, sessions, pair, cookies=cookies)
+        return response
+
+    @routes.post("/api/logout")
+    @jwtplus.session_route
+    async def api_logout(request: web.Request) -> web.Response:
+        ran.append("logout")
+        await jwtplus.end_session(request, sessions, cookies=cookies)
+        response = web.json_response({"ok": True})
+        jwtplus.clear_login_cookies(response, cookies=cookies)
+        return response
+
+    @routes.get("/api/me")
+    async def api_me(request: web.Request) -> web.Response:
+        ran.append("me")
+        return web.json_response({"sub": request[jwtplus.AUTH_CLAIMS].get("sub")})
+
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.add_routes(routes)
+    return app
+
+
+def cookie_jar_of(response: Any) -> dict[str, str]:
+    return {morsel.key: morsel.value for morsel in response.cookies.values()}
+
+
+def cookie_line(jar: dict[str, str], *names: str) -> str:
+    return "; ".join(f"{name}={jar[name]}" for name in names)
+
+
+async def session_client(make_client: Any, **sessions_args: Any) -> tuple[Any, jwtplus.Sessions, list[str]]:
+    ran: list[str] = []
+    sessions = sessions_for(**sessions_args)
+    return await make_client(app=readme_session_app(sessions, ran)), sessions, ran
+
+
+async def cookie_login(client: Any) -> dict[str, str]:
+    login = await client.post("/api/login", json={"sub": "ann"})
+    assert login.status == 200
+    return cookie_jar_of(login)
+
+
+async def test_logout_after_the_access_token_expired_revokes_the_refresh_token(make_client: Any) -> None:
+    client, sessions, ran = await session_client(make_client, access_exptime=1)
+    jar = await cookie_login(client)
+    expired = jwtplus.issue_tokens(sessions, "ann", now=time.time() - 5).access  # an expired access cookie
+    cookie = f"__Host-access_token={expired}; " + cookie_line(
+        jar, "__Host-refresh_token", "__Host-csrf_token"
+    )
+    csrf = {"X-CSRF-Token": jar["__Host-csrf_token"]}
+    assert (await client.get("/api/me", headers={"Cookie": cookie})).status == 401
+    out = await client.post("/api/logout", headers={"Cookie": cookie, **csrf})
+    assert out.status == 200
+    assert ran == ["logout"]
+    refresh = await client.post(
+        "/api/refresh", headers={"Cookie": cookie_line(jar, "__Host-refresh_token"), **csrf}
+    )
+    assert refresh.status == 401
+    again = await client.post("/api/logout", headers={"Cookie": cookie, **csrf})
+    assert again.status == 200  # twice in a row: nothing left to revoke is no error
+
+
+async def test_a_client_with_only_its_refresh_token_can_log_out(make_client: Any) -> None:
+    client, _, _ = await session_client(make_client)
+    pair = await (await client.post("/api/login", json={"sub": "ann"})).json()
+    assert (await client.post("/api/logout", json={"refresh_token": pair["refresh"]})).status == 200
+    assert (await client.post("/api/refresh", json={"refresh_token": pair["refresh"]})).status == 401
+    assert (await client.get("/api/me", headers=bearer(pair["access"]))).status == 401  # the family is gone
+    assert (await client.post("/api/logout", json={"refresh_token": pair["refresh"]})).status == 200
+
+
+async def test_logout_with_a_valid_access_token_and_with_nothing(make_client: Any) -> None:
+    client, _, ran = await session_client(make_client)
+    pair = await (await client.post("/api/login", json={"sub": "ann"})).json()
+    assert (await client.post("/api/logout", headers=bearer(pair["access"]))).status == 200
+    assert (await client.get("/api/me", headers=bearer(pair["access"]))).status == 401
+    assert (await client.post("/api/refresh", json={"refresh_token": pair["refresh"]})).status == 401
+    assert (await client.post("/api/logout")).status == 200  # never logged in: nothing to do
+    assert (await client.post("/api/logout", headers=bearer(pair["access"]))).status == 200
+    assert ran == ["logout", "logout", "logout"]
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        {"Origin": "https://evil.example"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {},  # same origin, but no CSRF header
+    ],
+)
+async def test_a_cross_site_page_cannot_log_a_user_out_with_the_refresh_cookie(
+    make_client: Any, foreign: dict[str, str]
+) -> None:
+    client, _, _ = await session_client(make_client)
+    jar = await cookie_login(client)
+    refresh_only = cookie_line(jar, "__Host-refresh_token")
+    refused = await client.post("/api/logout", headers={"Cookie": refresh_only, **foreign})
+    assert refused.status == 403
+    csrf = {"X-CSRF-Token": jar["__Host-csrf_token"]}
+    still = await client.post("/api/refresh", headers={"Cookie": refresh_only, **csrf})
+    assert still.status == 200  # the session survived the attempt
+
+
+async def test_the_refresh_cookie_needs_csrf_even_on_a_get_logout(aiohttp_client: Any) -> None:
+    sessions = sessions_for()
+    routes = web.RouteTableDef()
+
+    @routes.get("/logout")
+    @jwtplus.session_route
+    async def logout(request: web.Request) -> web.Response:
+        await jwtplus.end_session(request, sessions)
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    jwtplus.setup(app, JWTHelper(sessions=sessions, cookies=jwtplus.CookiePolicy()))
+    app.add_routes(routes)
+    client = await aiohttp_client(app)
+    pair = jwtplus.issue_tokens(sessions, "ann")
+    refused = await client.get("/logout", headers={"Cookie": f"__Host-refresh_token={pair.refresh}"})
+    assert refused.status == 403  # an <img src=/logout> on a sibling site gets nowhere
+
+
+async def test_a_token_without_jti_passes_and_logs_out_without_a_503(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, sessions, ran = await session_client(make_client)
+    foreign = jwt.encode(
+        {"sub": "ann", "username": "ann", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+    )
+    assert "jti" not in jwt.decode(foreign, SECRET, algorithms=["HS256"])
+    assert (await client.get("/api/me", headers=bearer(foreign))).status == 200
+    out = await client.post("/api/logout", headers=bearer(foreign))
+    assert out.status == 200
+    assert "store failed" not in caplog.text
+    assert ran == ["me", "logout"]
+    with pytest.raises(ValueError, match="no jti"):
+        await jwtplus.revoke_token(sessions, {"sub": "ann", "exp": time.time() + 60})
+
+
+async def test_revocation_keys_of_absent_or_odd_claims_never_collide(make_client: Any) -> None:
+    client, sessions, _ = await session_client(make_client)
+    none_jti = sessions.manager.encode({"username": "x", "jti": "None"})
+    await jwtplus.revoke_token(sessions, sessions.manager.decode(none_jti))
+    no_jti = jwt.encode({"username": "y", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    empty = jwt.encode({"username": "z", "jti": "", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    assert (await client.get("/api/me", headers=bearer(none_jti))).status == 401
+    assert (await client.get("/api/me", headers=bearer(no_jti))).status == 200  # "None" is no wildcard
+    assert (await client.get("/api/me", headers=bearer(empty))).status == 200
+    assert jwtplus._revocation_keys({}) == []
+    assert jwtplus._revocation_keys({"jti": "", "fam": None, "sub": 7}) == []
+    keys = jwtplus._revocation_keys({"jti": "a", "fam": "a", "sub": "a"})
+    assert len(set(keys)) == 3
+
+
+async def test_a_whitelisted_path_without_a_token_never_touches_the_store(make_client: Any) -> None:
+    touched: list[str] = []
+    inner = jwtplus.memory_store()
+
+    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+        touched.append("get_many")
+        return await inner.get_many(keys, now)
+
+    store = jwtplus.RevocationStore(inner.put, get_many, inner.consume)
+    client, _, _ = await session_client(make_client, store=store)
+    assert (await client.post("/api/login", json={"sub": "ann"})).status == 200
+    assert touched == []
+
+
+async def test_a_whitelisted_path_with_a_token_is_served_when_the_store_is_down(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = sessions_for(store=broken_store())
+    helper = JWTHelper(sessions=down, whitelist=("/open",))
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.router.add_get("/open", echo)
+    client = await aiohttp_client(app)
+    token = jwtplus.issue_tokens(down, "ann", {"username": "ann"}).access
+    with caplog.at_level(logging.WARNING, logger="jwtplus"):
+        served = await client.get("/open", headers=bearer(token))
+    assert served.status == 200
+    assert (await served.json())["status"] == "unavailable"  # never "pass" for a token it could not check
+    assert "refused" not in caplog.text
+    assert "auth_status is 'unavailable'" in caplog.text
+
+
+def test_the_memory_store_says_how_full_it_is() -> None:
+    store = jwtplus.memory_store(max_entries=3)
+    assert repr(store) == "RevocationStore(kind='memory', entries=0, max_entries=3)"
+    asyncio.run(store.put("a", 1.0, NOW + 10, NOW))
+    assert store.info is not None
+    assert store.info() == {"kind": "memory", "entries": 1, "max_entries": 3}
+    assert (
+        repr(jwtplus.RevocationStore(store.put, store.get_many, store.consume))
+        == "RevocationStore(kind='custom')"
+    )
 
 
 # ---- Hardening: a hostile client's tokens, headers and paths ----
@@ -2869,6 +3595,144 @@ async def test_random_spellings_over_http_reach_only_whitelisted_handlers(
     assert path == router_path(raw)
     for reading in oracle_readings(path):
         assert any(re.fullmatch(p, reading) for p in WHITELIST), (raw, reading)
+
+
+# ---- The README's snippets, as pasted ----
+
+README = Path(__file__).with_name("README.md")
+
+
+def readme_snippets(heading: str) -> list[str]:
+    """The Python code blocks of the README section titled *heading*."""
+    text = README.read_text()
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], re.DOTALL)
+
+
+def run_snippet(code: str, **given: Any) -> dict[str, Any]:
+    """Run a README snippet with only what the README says to fill in (or takes from an earlier one)."""
+    namespace: dict[str, Any] = {"__name__": "readme", **given}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 (the project's own README)
+    return namespace
+
+
+def cookies_of(response: Any, jar: dict[str, str] | None = None) -> dict[str, str]:
+    jar = dict(jar or {})
+    for morsel in response.cookies.values():
+        if morsel.value:
+            jar[morsel.key] = morsel.value
+        else:
+            jar.pop(morsel.key, None)
+    return jar
+
+
+def as_cookie_header(jar: dict[str, str]) -> dict[str, str]:
+    return {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())}
+
+
+async def test_readme_spa_snippet_runs_as_pasted(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "login.html").write_text("the login page")
+    (tmp_path / "static" / "index.html").write_text("the app")
+    monkeypatch.chdir(tmp_path)
+
+    async def check_password(username: Any, password: Any) -> str | None:
+        return username if (username, password) == ("ann", "let me in") else None
+
+    (spa,) = readme_snippets("Use it in front of an SPA")[:1]
+    names = run_snippet(spa, web=web, jwtplus=jwtplus, manager=manager(), check_password=check_password)
+    client = await aiohttp_client(names["app"])
+    assert await (await client.get("/index.html")).text() == "the login page"
+    wrong = await client.post("/api/login", data={"username": "ann", "password": "guess"})
+    assert wrong.status == 401
+    login = await client.post("/api/login", data={"username": "ann", "password": "let me in"})
+    assert login.status == 200
+    jar = cookies_of(login)
+    assert set(jar) == {"__Host-access_token", "__Host-csrf_token"}
+    assert await (await client.get("/index.html", headers=as_cookie_header(jar))).text() == "the app"
+    assert await (await client.get("/login.html", headers=as_cookie_header(jar))).text() == "the app"
+    assert (await client.post("/api/setattr", headers=as_cookie_header(jar))).status == 403  # no CSRF
+    csrf = {"X-CSRF-Token": jar["__Host-csrf_token"], **as_cookie_header(jar)}
+    done = await client.post("/api/setattr", headers=csrf)
+    assert (done.status, await done.json()) == (200, {"ok": True, "for": "ann"})
+    out = await client.post("/api/logout", headers=csrf)
+    assert out.status == 200
+    assert cookies_of(out, jar) == {}
+    assert (await client.post("/api/setattr")).status == 401
+
+
+async def test_readme_sessions_snippet_runs_as_pasted(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JWTPLUS_SECRET", SECRET.decode())
+    users = {("ann", "pw"): {"id": "u-1", "name": "ann", "role": "user"}}
+
+    async def find_user(username: Any, password: Any) -> dict[str, str] | None:
+        return users.get((username, password))
+
+    (snippet, *_) = readme_snippets("Sessions that last and can end")
+    names = run_snippet(snippet, find_user=find_user)
+    client = await aiohttp_client(names["app"])
+    assert (await client.post("/api/login", json={"username": "ann", "password": "no"})).status == 401
+    login = await client.post("/api/login", json={"username": "ann", "password": "pw"})
+    jar = cookies_of(login)
+    assert set(jar) == {"__Host-access_token", "__Host-refresh_token", "__Host-csrf_token"}
+    csrf = {"X-CSRF-Token": jar["__Host-csrf_token"]}
+    me = await client.get("/api/me", headers=as_cookie_header(jar))
+    assert (me.status, await me.json()) == (200, {"username": "ann"})
+    assert (await client.post("/api/admin", headers={**as_cookie_header(jar), **csrf})).status == 403
+    assert (await client.post("/api/password", headers={**as_cookie_header(jar), **csrf})).status == 200
+    renewed = await client.post("/api/refresh", headers={**as_cookie_header(jar), **csrf})
+    assert renewed.status == 200
+    jar = cookies_of(renewed, jar)
+    csrf = {"X-CSRF-Token": jar["__Host-csrf_token"]}
+    refreshed = {**as_cookie_header(jar), **csrf}
+    assert (await client.post("/api/password", headers=refreshed)).status == 401  # not fresh
+    sessions: jwtplus.Sessions = names["sessions"]
+    expired = jwtplus.issue_tokens(sessions, "u-1", {"username": "ann"}, now=time.time() - 3600).access
+    stale = {**jar, "__Host-access_token": expired}
+    assert (await client.get("/api/me", headers=as_cookie_header(stale))).status == 401
+    out = await client.post("/api/logout", headers={**as_cookie_header(stale), **csrf})  # after expiry
+    assert out.status == 200
+    assert cookies_of(out, jar) == {}
+    assert (await client.post("/api/refresh", headers=refreshed)).status == 401  # the family is revoked
+    assert (await client.get("/api/me", headers=as_cookie_header(jar))).status == 401
+    assert (await client.post("/api/logout", headers=refreshed)).status == 200  # and again
+
+
+async def test_readme_guards_snippet_runs_as_pasted(aiohttp_client: Any) -> None:
+    sm = manager()
+    (snippet,) = readme_snippets("Guards and route options")
+    client = await aiohttp_client(run_snippet(snippet, web=web, jwtplus=jwtplus, manager=sm)["app"])
+    user = bearer(sm.encode({"username": "ann", "role": "user"}))
+    assert (await client.post("/admin", headers=user)).status == 403
+    assert (
+        await client.post("/admin", headers=bearer(sm.encode({"username": "r", "role": "admin"})))
+    ).status == 200
+    assert (await client.get("/items")).status == 200
+    assert (await client.post("/items")).status == 401
+    assert await (await client.post("/items", headers=user)).json() == {"by": "ann"}
+    assert await (await client.get("/feed")).json() == {"for": "everyone"}
+    assert await (await client.get("/feed", headers=user)).json() == {"for": "ann"}
+    assert (await client.get("/feed", headers=bearer(tampered(sm.encode({"username": "x"}))))).status == 401
+
+
+async def test_readme_check_snippet_runs_as_pasted(aiohttp_client: Any) -> None:
+    sm = manager()
+    (snippet,) = readme_snippets("How a request is judged")
+    names = run_snippet(snippet, web=web, jwtplus=jwtplus, manager=sm)
+    helper = names["helper"]
+    assert helper.all_checks[-1] is names["same_tenant"]
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.router.add_get("/x", echo)
+    client = await aiohttp_client(app)
+    token = bearer(sm.encode({"username": "ann", "tenant": "acme"}))
+    assert (await client.get("/x", headers={**token, "X-Tenant": "acme"})).status == 200
+    assert (await client.get("/x", headers={**token, "X-Tenant": "other"})).status == 403
 
 
 # ---- Real processes: the examples, and two servers sharing rotating keys ----

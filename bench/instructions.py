@@ -6,6 +6,11 @@ Each mode's server (bench/servers.py, asyncio) runs under callgrind twice, answe
 200 and then 200 + --requests requests with the reused token over one keep-alive
 connection, then exits; the difference of the two totals, divided by --requests, is
 what one request costs, start-up and shut-down cancelled out. Needs valgrind.
+
+String hashing is randomised per process, and dict and set layouts with it: the same
+code counts a few thousand instructions more or less from run to run. So each count is
+taken under fixed hash seeds (--seeds, PYTHONHASHSEED), and the median is reported:
+two versions of the code compared under the same seeds differ only by the code.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +32,7 @@ import jwtplus
 HERE = Path(__file__).resolve().parent
 SECRET = "bench secret of more than thirty-two bytes"  # noqa: S105 (a benchmark's own key)
 BASE = 200
+BENCH_NOW = time.time()  # one token for every run of one invocation
 
 
 def free_port() -> int:
@@ -60,10 +67,16 @@ def drive(port: int, requests: int, token: str, timeout: float = 600) -> None:
                 raise RuntimeError(f"not a 200: {answer[:200]!r}")
 
 
-def instructions(mode: str, requests: int, token: str, directory: Path) -> int:
+def instructions(mode: str, requests: int, token: str, directory: Path, seed: int) -> int:
     """Total instructions of one server run under callgrind that answers *requests* requests."""
     port = free_port()
-    env = {**os.environ, "BENCH_SECRET": SECRET, "BENCH_EXIT_AFTER": str(requests), "BENCH_PORT": str(port)}
+    env = {
+        **os.environ,
+        "BENCH_SECRET": SECRET,
+        "BENCH_EXIT_AFTER": str(requests),
+        "BENCH_PORT": str(port),
+        "PYTHONHASHSEED": str(seed),
+    }
     log = directory / f"{mode}-{requests}.log"
     command = [
         "valgrind",
@@ -94,23 +107,29 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="bare,passthrough,jwtplus,jwtplus-setup")
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--seeds", default="0,1,2", help="PYTHONHASHSEED values; the median is reported")
     parser.add_argument("--output", type=Path, help="append the table to this Markdown file")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench/instructions.py needs valgrind (Debian: apt-get install valgrind)")
-    token = jwtplus.SecretManager(secret=SECRET).encode({"username": "bench"})
+    token = jwtplus.SecretManager(secret=SECRET).encode({"username": "bench"}, now=BENCH_NOW)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     modes = args.modes.split(",")
     per_request: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for mode in modes:
-            low = instructions(mode, BASE, token, Path(scratch))
-            high = instructions(mode, BASE + args.requests, token, Path(scratch))
-            per_request[mode] = (high - low) / args.requests
-            print(f"  {mode:<14} {per_request[mode]:>10,.0f} instructions per request", flush=True)
+            counts = []
+            for seed in seeds:
+                low = instructions(mode, BASE, token, Path(scratch), seed)
+                high = instructions(mode, BASE + args.requests, token, Path(scratch), seed)
+                counts.append((high - low) / args.requests)
+            per_request[mode] = statistics.median(counts)
+            each = ", ".join(f"{count:,.0f}" for count in counts)
+            print(f"  {mode:<14} {per_request[mode]:>10,.0f} instructions per request ({each})", flush=True)
     bare = per_request.get("bare")
     lines = [
-        "Instructions per request (callgrind, asyncio, reused token, one keep-alive connection), and bare",
-        "aiohttp's count divided by the mode's:",
+        "Instructions per request (callgrind, asyncio, reused token, one keep-alive connection; median over",
+        f"PYTHONHASHSEED {args.seeds}), and bare aiohttp's count divided by the mode's:",
         "",
         "| mode | instructions per request | ratio to bare |",
         "|---|---:|---:|",

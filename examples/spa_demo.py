@@ -73,7 +73,7 @@ def make_app(
         unauthorized_return_route="/login.html",
         unauthorized_return_route_handler=login_page,
         authorized_return_page_handler=index_page,
-        whitelist=("/api/login", "/api/refresh"),
+        whitelist=("/api/login",),
         protected_apis=("/api/.*",),
         cookies=cookies,
         sessions=sessions,
@@ -99,6 +99,7 @@ def make_app(
         return response
 
     @routes.post("/api/refresh")
+    @jwtplus.session_route  # runs with an expired access token: refresh_session judges the refresh token
     async def api_refresh(request: web.Request) -> web.Response:
         pair = await jwtplus.refresh_session(request, sessions, cookies=cookies)  # 401 unless it may
         response = web.json_response({"ok": True})
@@ -121,10 +122,11 @@ def make_app(
         return web.json_response({"ok": True, "message": "admin action done"})
 
     @routes.post("/api/logout")
+    @jwtplus.session_route  # logging out works in every state: valid, expired or already revoked
     async def api_logout(request: web.Request) -> web.Response:
         await jwtplus.end_session(request, sessions, cookies=cookies)  # revokes the login family
         response = web.json_response({"ok": True})
-        jwtplus.logout(response, cookies=cookies)
+        jwtplus.clear_login_cookies(response, cookies=cookies)
         return response
 
     routes.get("/index.html")(index_page)
