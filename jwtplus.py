@@ -1478,7 +1478,11 @@ def router_middleware(
 
     @web.middleware
     async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
-        target = route(request, get_auth_status(request), policy_of(request))
+        state = request._state  # what the authentication middleware left: its status and the policy
+        status = state.get(AUTH_STATUS)
+        if status is None:
+            raise _not_installed()
+        target = route(request, status, state.get(_ENFORCED))
         if target is None:
             return await handler(request)
         return target if isinstance(target, web.StreamResponse) else await target(request)
