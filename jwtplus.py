@@ -1162,7 +1162,7 @@ class RoutePolicy:
     """
 
     requirements: tuple[Requirement, ...] = ()
-    """(predicate on the claims, the answer when it fails); any requirement also needs a passing token."""
+    """(predicate on the claims, the answer when it does not hold); any requirement needs a passing token."""
     optional: bool = False
     """No token is fine; a token that fails (invalid, expired, revoked) is still refused."""
     any_state: bool = False
@@ -1217,11 +1217,17 @@ def policy_of(request: web.Request) -> RoutePolicy | None:
     handler: Any = request.match_info.handler
     policy = getattr(handler, _POLICY, None)
     if isinstance(handler, type) and issubclass(handler, web.View):
-        method = getattr(handler, request.method.lower(), None)
-        own = getattr(method, _POLICY, None)
-        if isinstance(own, RoutePolicy):
-            policy = _merge(policy if isinstance(policy, RoutePolicy) else None, own)
+        return _view_policy(handler, request.method.lower())
     return policy if isinstance(policy, RoutePolicy) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_policy(view: type[web.View], method: str) -> RoutePolicy | None:
+    """A class-based view's policy for one method: the class's and the method's, merged once."""
+    own, whole = getattr(getattr(view, method, None), _POLICY, None), getattr(view, _POLICY, None)
+    own = own if isinstance(own, RoutePolicy) else None
+    whole = whole if isinstance(whole, RoutePolicy) else None
+    return own if whole is None else _merge(whole, own) if own is not None else whole
 
 
 # ---- Answers ----
@@ -1279,7 +1285,7 @@ def _enforce(policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | N
         return _refusal(status)
     for predicate, failure in policy.requirements:
         try:
-            held = predicate(claims) is True
+            held = bool(predicate(claims))
         except Exception:
             _log.warning("jwtplus: a guard's predicate raised; request refused", exc_info=True)
             held = False
@@ -2173,6 +2179,11 @@ def _declare(target: _H, policy: RoutePolicy) -> _H:
     """Put *policy* on *target* and on everything it wraps (``__wrapped__``), merged with what is there:
     whichever of them the route holds, the middleware finds the whole policy."""
     merged = _merge(getattr(target, _POLICY, None), policy)
+    if isinstance(target, type):  # a web.View: its methods' policies must agree with the class's now
+        for name in ("get", "head", "post", "put", "patch", "delete", "options"):
+            own = getattr(getattr(target, name, None), _POLICY, None)
+            if isinstance(own, RoutePolicy):
+                _merge(merged, own)
     item: Any = target
     seen = set()
     while item is not None and id(item) not in seen:
@@ -2238,7 +2249,8 @@ def fresh_login_required(handler: _H) -> _H:
 
 
 def require(predicate: Callable[[dict[str, Any]], bool]) -> Callable[[_H], _H]:
-    """Decorate a handler to answer 403 ``insufficient_scope`` unless *predicate(claims)* is True."""
+    """Decorate a handler to answer 403 ``insufficient_scope`` unless *predicate(claims)* holds (is truthy;
+    a predicate that raises is logged and refuses)."""
     if not callable(predicate):
         raise TypeError(f"require() takes a predicate on the claims, got {predicate!r}")
     return _guard((predicate, Action.FORBIDDEN))
