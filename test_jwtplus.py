@@ -3362,11 +3362,15 @@ async def test_guards_on_a_class_based_view_and_its_methods(make_client: Any, wi
     assert ran == ["get", "post", "secret"]
 
 
+@pytest.mark.parametrize("guard_above", [True, False], ids=["guard above the route", "guard below"])
 @pytest.mark.parametrize("wiring", GUARD_WIRINGS)
-async def test_a_guards_answer_uses_the_managers_scheme(make_client: Any, wiring: str) -> None:
+async def test_a_guards_answer_uses_the_managers_scheme(
+    make_client: Any, wiring: str, guard_above: bool
+) -> None:
     ran: list[str] = []
     sm = manager(scheme="JWT")
-    client = await make_client(app=wired_app(wiring, guarded_routes(ran, True), sm, whitelist=("/admin",)))
+    routes = guarded_routes(ran, guard_above)
+    client = await make_client(app=wired_app(wiring, routes, sm, whitelist=("/admin",)))
     missing = await client.post("/admin")
     assert (missing.status, missing.headers["WWW-Authenticate"]) == (401, "JWT")
     user = {"Authorization": f"JWT {sm.encode({'username': 'ann'})}"}

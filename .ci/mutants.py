@@ -244,7 +244,8 @@ def main() -> None:
     if run(None, source, scratches[0], args.timeout)[1] != "survived":
         sys.exit("mutants.py: the tests fail on the unmutated module in the scratch copy; nothing to learn")
     outcomes: dict[str, Counter[str]] = defaultdict(Counter)
-    survivors = []
+    survivors: list[Mutant] = []
+    finished = 0
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         free = list(scratches)
         pending: dict[concurrent.futures.Future[tuple[Mutant | None, str]], Path] = {}
@@ -258,6 +259,9 @@ def main() -> None:
                 free.append(pending.pop(future))
                 mutant, outcome = future.result()
                 assert mutant is not None
+                finished += 1
+                if finished % 25 == 0:
+                    print(f"  {finished}/{len(todo)} mutants run, {len(survivors)} survived", flush=True)
                 outcomes[mutant.section]["made"] += 1
                 outcomes[mutant.section]["survived" if outcome == "survived" else "killed"] += 1
                 if outcome == "survived":
