@@ -788,7 +788,7 @@ def body_token_getter(name: str = "refresh_token") -> TokenGetter:
     """
 
     async def get_token(request: web.Request) -> str | None:
-        if request.content_type != "application/json" or not request.can_read_body:
+        if request.content_type != "application/json" or not request.body_exists:
             return None
         try:
             body = await request.json()

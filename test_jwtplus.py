@@ -2684,7 +2684,7 @@ def test_a_pair_has_two_types_one_family_one_csrf() -> None:
 
 def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
     cookies = jwtplus.CookiePolicy()
-    helper = JWTHelper(sessions=sessions, whitelist=("/refresh", "/login"), cookies=cookies)
+    helper = JWTHelper(sessions=sessions, whitelist=("/login",), cookies=cookies)
     routes = web.RouteTableDef()
 
     @routes.post("/login")
@@ -2696,6 +2696,7 @@ def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
         return response
 
     @routes.post("/refresh")
+    @jwtplus.session_route  # as the README says: no whitelist entry, any state of the access token
     async def refresh(request: web.Request) -> web.Response:
         pair = await jwtplus.refresh_session(request, sessions, cookies=cookies)
         response = web.json_response({"access": pair.access, "refresh": pair.refresh})
@@ -2703,7 +2704,9 @@ def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
         return response
 
     @routes.post("/logout")
+    @jwtplus.session_route
     async def logout(request: web.Request) -> web.Response:
+        ran.append("logout")
         body = await request.json() if request.can_read_body else {}
         await jwtplus.end_session(
             request, sessions, cookies=cookies, everywhere=body.get("everywhere", False)
@@ -2715,7 +2718,7 @@ def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
     @routes.get("/me")
     async def me(request: web.Request) -> web.Response:
         ran.append("me")
-        return web.json_response({"sub": request[jwtplus.AUTH_CLAIMS]["sub"]})
+        return web.json_response({"sub": request[jwtplus.AUTH_CLAIMS].get("sub")})
 
     @routes.post("/admin")
     @jwtplus.require_claims(role="admin")
@@ -3026,52 +3029,6 @@ async def test_require_claims_refuses_look_alike_values(make_client: Any) -> Non
 # ---- Logout in every state; jti optional; whitelisted paths and the store ----
 
 
-def readme_session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
-    """The README's session wiring: only /api/login whitelisted; refresh and logout are session routes."""
-    cookies = jwtplus.CookiePolicy()
-    helper = JWTHelper(
-        sessions=sessions, cookies=cookies, whitelist=("/api/login",), protected_apis=("/api/.*",)
-    )
-    routes = web.RouteTableDef()
-
-    @routes.post("/api/login")
-    async def api_login(request: web.Request) -> web.Response:
-        body = await request.json()
-        response = web.json_response({"ok": True})
-        pair = jwtplus.start_session(
-            response, sessions, body["sub"], {"username": body["sub"]}, cookies=cookies
-        )
-        response.text = json.dumps({"access": pair.access, "refresh": pair.refresh})
-        return response
-
-    @routes.post("/api/refresh")
-    @jwtplus.session_route
-    async def api_refresh(request: web.Request) -> web.Response:
-        pair = await jwtplus.refresh_session(request, sessions, cookies=cookies)
-        response = web.json_response({"access": pair.access, "refresh": pair.refresh})
-        jwtplus.set_session_cookies(response, sessions, pair, cookies=cookies)
-        return response
-
-    @routes.post("/api/logout")
-    @jwtplus.session_route
-    async def api_logout(request: web.Request) -> web.Response:
-        ran.append("logout")
-        await jwtplus.end_session(request, sessions, cookies=cookies)
-        response = web.json_response({"ok": True})
-        jwtplus.clear_login_cookies(response, cookies=cookies)
-        return response
-
-    @routes.get("/api/me")
-    async def api_me(request: web.Request) -> web.Response:
-        ran.append("me")
-        return web.json_response({"sub": request[jwtplus.AUTH_CLAIMS].get("sub")})
-
-    app = web.Application()
-    jwtplus.setup(app, helper)
-    app.add_routes(routes)
-    return app
-
-
 def cookie_jar_of(response: Any) -> dict[str, str]:
     return {morsel.key: morsel.value for morsel in response.cookies.values()}
 
@@ -3083,11 +3040,11 @@ def cookie_line(jar: dict[str, str], *names: str) -> str:
 async def session_client(make_client: Any, **sessions_args: Any) -> tuple[Any, jwtplus.Sessions, list[str]]:
     ran: list[str] = []
     sessions = sessions_for(**sessions_args)
-    return await make_client(app=readme_session_app(sessions, ran)), sessions, ran
+    return await make_client(app=session_app(sessions, ran)), sessions, ran
 
 
 async def cookie_login(client: Any) -> dict[str, str]:
-    login = await client.post("/api/login", json={"sub": "ann"})
+    login = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
     assert login.status == 200
     return cookie_jar_of(login)
 
@@ -3100,35 +3057,35 @@ async def test_logout_after_the_access_token_expired_revokes_the_refresh_token(m
         jar, "__Host-refresh_token", "__Host-csrf_token"
     )
     csrf = {"X-CSRF-Token": jar["__Host-csrf_token"]}
-    assert (await client.get("/api/me", headers={"Cookie": cookie})).status == 401
-    out = await client.post("/api/logout", headers={"Cookie": cookie, **csrf})
+    assert (await client.get("/me", headers={"Cookie": cookie})).status == 401
+    out = await client.post("/logout", headers={"Cookie": cookie, **csrf})
     assert out.status == 200
     assert ran == ["logout"]
     refresh = await client.post(
-        "/api/refresh", headers={"Cookie": cookie_line(jar, "__Host-refresh_token"), **csrf}
+        "/refresh", headers={"Cookie": cookie_line(jar, "__Host-refresh_token"), **csrf}
     )
     assert refresh.status == 401
-    again = await client.post("/api/logout", headers={"Cookie": cookie, **csrf})
+    again = await client.post("/logout", headers={"Cookie": cookie, **csrf})
     assert again.status == 200  # twice in a row: nothing left to revoke is no error
 
 
 async def test_a_client_with_only_its_refresh_token_can_log_out(make_client: Any) -> None:
     client, _, _ = await session_client(make_client)
-    pair = await (await client.post("/api/login", json={"sub": "ann"})).json()
-    assert (await client.post("/api/logout", json={"refresh_token": pair["refresh"]})).status == 200
-    assert (await client.post("/api/refresh", json={"refresh_token": pair["refresh"]})).status == 401
-    assert (await client.get("/api/me", headers=bearer(pair["access"]))).status == 401  # the family is gone
-    assert (await client.post("/api/logout", json={"refresh_token": pair["refresh"]})).status == 200
+    pair = await (await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})).json()
+    assert (await client.post("/logout", json={"refresh_token": pair["refresh"]})).status == 200
+    assert (await client.post("/refresh", json={"refresh_token": pair["refresh"]})).status == 401
+    assert (await client.get("/me", headers=bearer(pair["access"]))).status == 401  # the family is gone
+    assert (await client.post("/logout", json={"refresh_token": pair["refresh"]})).status == 200
 
 
 async def test_logout_with_a_valid_access_token_and_with_nothing(make_client: Any) -> None:
     client, _, ran = await session_client(make_client)
-    pair = await (await client.post("/api/login", json={"sub": "ann"})).json()
-    assert (await client.post("/api/logout", headers=bearer(pair["access"]))).status == 200
-    assert (await client.get("/api/me", headers=bearer(pair["access"]))).status == 401
-    assert (await client.post("/api/refresh", json={"refresh_token": pair["refresh"]})).status == 401
-    assert (await client.post("/api/logout")).status == 200  # never logged in: nothing to do
-    assert (await client.post("/api/logout", headers=bearer(pair["access"]))).status == 200
+    pair = await (await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})).json()
+    assert (await client.post("/logout", headers=bearer(pair["access"]))).status == 200
+    assert (await client.get("/me", headers=bearer(pair["access"]))).status == 401
+    assert (await client.post("/refresh", json={"refresh_token": pair["refresh"]})).status == 401
+    assert (await client.post("/logout")).status == 200  # never logged in: nothing to do
+    assert (await client.post("/logout", headers=bearer(pair["access"]))).status == 200
     assert ran == ["logout", "logout", "logout"]
 
 
@@ -3147,10 +3104,10 @@ async def test_a_cross_site_page_cannot_log_a_user_out_with_the_refresh_cookie(
     client, _, _ = await session_client(make_client)
     jar = await cookie_login(client)
     refresh_only = cookie_line(jar, "__Host-refresh_token")
-    refused = await client.post("/api/logout", headers={"Cookie": refresh_only, **foreign})
+    refused = await client.post("/logout", headers={"Cookie": refresh_only, **foreign})
     assert refused.status == 403
     csrf = {"X-CSRF-Token": jar["__Host-csrf_token"]}
-    still = await client.post("/api/refresh", headers={"Cookie": refresh_only, **csrf})
+    still = await client.post("/refresh", headers={"Cookie": refresh_only, **csrf})
     assert still.status == 200  # the session survived the attempt
 
 
@@ -3181,8 +3138,8 @@ async def test_a_token_without_jti_passes_and_logs_out_without_a_503(
         {"sub": "ann", "username": "ann", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
     )
     assert "jti" not in jwt.decode(foreign, SECRET, algorithms=["HS256"])
-    assert (await client.get("/api/me", headers=bearer(foreign))).status == 200
-    out = await client.post("/api/logout", headers=bearer(foreign))
+    assert (await client.get("/me", headers=bearer(foreign))).status == 200
+    out = await client.post("/logout", headers=bearer(foreign))
     assert out.status == 200
     assert "store failed" not in caplog.text
     assert ran == ["me", "logout"]
@@ -3196,9 +3153,9 @@ async def test_revocation_keys_of_absent_or_odd_claims_never_collide(make_client
     await jwtplus.revoke_token(sessions, sessions.manager.decode(none_jti))
     no_jti = jwt.encode({"username": "y", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
     empty = jwt.encode({"username": "z", "jti": "", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
-    assert (await client.get("/api/me", headers=bearer(none_jti))).status == 401
-    assert (await client.get("/api/me", headers=bearer(no_jti))).status == 200  # "None" is no wildcard
-    assert (await client.get("/api/me", headers=bearer(empty))).status == 200
+    assert (await client.get("/me", headers=bearer(none_jti))).status == 401
+    assert (await client.get("/me", headers=bearer(no_jti))).status == 200  # "None" is no wildcard
+    assert (await client.get("/me", headers=bearer(empty))).status == 200
     assert jwtplus._revocation_keys({}) == []
     assert jwtplus._revocation_keys({"jti": "", "fam": None, "sub": 7}) == []
     keys = jwtplus._revocation_keys({"jti": "a", "fam": "a", "sub": "a"})
@@ -3215,7 +3172,7 @@ async def test_a_whitelisted_path_without_a_token_never_touches_the_store(make_c
 
     store = jwtplus.RevocationStore(inner.put, get_many, inner.consume)
     client, _, _ = await session_client(make_client, store=store)
-    assert (await client.post("/api/login", json={"sub": "ann"})).status == 200
+    assert (await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})).status == 200
     assert touched == []
 
 
