@@ -2967,6 +2967,55 @@ async def test_a_custom_getter_reading_a_cookie_still_gets_the_csrf_check(make_c
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [
+        ("text/plain", '{"refresh_token": "TOKEN"}'),  # a cross-site form can send text/plain: never a source
+        ("application/x-www-form-urlencoded", "refresh_token=TOKEN"),
+        ("application/json", '{"refresh_token": 123}'),
+        ("application/json", '{"refresh_token": ""}'),
+        ("application/json", '["TOKEN"]'),
+        ("application/json", '{"refresh": "TOKEN"}'),
+        ("application/json", '{"refresh_token": "TOKEN"'),
+        ("application/json", '{"refresh_token": "TOKEN"}'),  # the control: this one is a token
+    ],
+)
+async def test_the_body_getter_takes_only_a_json_objects_string(
+    aiohttp_client: Any, content_type: str, body: str
+) -> None:
+    getter = jwtplus.body_token_getter()
+
+    async def probe(request: web.Request) -> web.Response:
+        token = await getter(request)  # type: ignore[misc]
+        return web.json_response({"token": token, "source": request.get(jwtplus.TOKEN_SOURCE)})
+
+    app = web.Application()
+    app.router.add_post("/probe", probe)
+    client = await aiohttp_client(app)
+    good = jwtplus.issue_tokens(sessions_for(), "ann").refresh
+    answer = await client.post(
+        "/probe", data=body.replace("TOKEN", good), headers={"Content-Type": content_type}
+    )
+    control = body == '{"refresh_token": "TOKEN"}' and content_type == "application/json"
+    expected = {"token": good, "source": "body"} if control else {"token": None, "source": None}
+    assert (answer.status, await answer.json()) == (200, expected)
+
+
+async def test_a_verifier_that_breaks_is_an_invalid_token_never_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken(token: str, now: float) -> dict[str, Any]:
+        raise RuntimeError("a bug in the verifier")
+
+    sm = manager()
+    judge = jwtplus._authenticator(
+        sm, jwtplus.basic_token_getter, jwtplus.basic_identifier, "access", (), broken
+    )
+    request = make_mocked_request("GET", "/x", headers=bearer(sm.encode({"username": "ann"})))
+    assert (await judge(request, time.time())).status == "invalid"
+    assert "verifying a token raised" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
         ("application/json; charset=x-nope", b'{"refresh_token": "x"}'),
         ("application/json", b"[" * 100_000 + b"]" * 100_000),
         ("application/json", b"\xff\xfe"),

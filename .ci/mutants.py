@@ -224,11 +224,17 @@ def main() -> None:
     )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", help="one section")
+    parser.add_argument("--functions", help="only these functions (comma-separated), say a survivor's")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--timeout", type=float, default=180)
     args = parser.parse_args()
     source = (ROOT / "jwtplus.py").read_text()
-    todo = [m for m in mutants(source) if args.only in (None, m.section)]
+    functions = set(args.functions.split(",")) if args.functions else None
+    todo = [
+        m
+        for m in mutants(source)
+        if args.only in (None, m.section) and (functions is None or m.function in functions)
+    ]
     if args.list:
         for m in todo:
             print(f"{m.section:16} {m.function:26} line {m.line:5} {m.kind:18} {m.text}")
