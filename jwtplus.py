@@ -1297,20 +1297,6 @@ def _enforce(policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | N
 # ---- Middleware factories ----
 
 
-def _store_result(
-    request: web.Request, status: AuthStatus, carry: Any, claims: dict[str, Any] | None
-) -> None:
-    """Put the pipeline's result on the request: the typed keys and the seed's ``'auth_status'`` and
-    ``'auth_carry'``, written to the request's own storage (``request[...] = ...`` would warn once per
-    string key, and costs a Python call per key on every request)."""
-    state = request._state
-    state[AUTH_STATUS] = status
-    state[AUTH_CARRY] = carry
-    state[AUTH_CLAIMS] = claims
-    state["auth_status"] = status
-    state["auth_carry"] = carry
-
-
 def _located_getter(
     locations: tuple[str, ...], token_type: str, scheme: str, cookies: CookiePolicy
 ) -> TokenGetter:
@@ -1368,7 +1354,14 @@ def _identifier(
     async def identify(request: web.Request, policy: RoutePolicy | None) -> AuthStatus | web.Response:
         run = judge if policy is None else judge_for(policy)
         status, carry, claims = await run(request, clock())
-        _store_result(request, status, carry, claims)
+        # the request's own storage: request[...] = ... costs a Python call per key on every request,
+        # and warns once per string key (the seed's two)
+        state = request._state
+        state[AUTH_STATUS] = status
+        state[AUTH_CARRY] = carry
+        state[AUTH_CLAIMS] = claims
+        state["auth_status"] = status
+        state["auth_carry"] = carry
         if policy is None:
             return status
         request[_ENFORCED] = policy

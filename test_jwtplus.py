@@ -585,6 +585,19 @@ async def test_checks_of_your_own_never_drop_the_csrf_check(make_client: Any) ->
     assert (await bare.post("/api", headers={"Cookie": cookie, "X-Tenant": "acme"})).status == 403
 
 
+@pytest.mark.parametrize("given", [list, iter, tuple])
+async def test_checks_may_be_any_iterable_of_functions(make_client: Any, given: Any) -> None:
+    rules = RoutingRules(protected_apis=("/api",))
+    app = web.Application(
+        middlewares=[jwtplus.jwt_middleware(manager=manager(), rules=rules, checks=given([same_tenant]))]
+    )
+    app.router.add_get("/api", echo)
+    client = await make_client(app=app)
+    token = bearer(manager().encode({"username": "ann", "tenant": "acme"}))
+    assert (await client.get("/api", headers={**token, "X-Tenant": "acme"})).status == 200
+    assert (await client.get("/api", headers={**token, "X-Tenant": "globex"})).status == 403
+
+
 def test_checks_are_refused_at_construction_unless_a_list_of_functions() -> None:
     with pytest.raises(TypeError, match="trailing comma"):
         JWTHelper(secret_manager=manager(), checks=same_tenant)  # type: ignore[arg-type]
