@@ -3425,8 +3425,46 @@ def test_a_guard_refuses_what_cannot_carry_a_policy() -> None:
         jwtplus.route_options(locations=("url",))
     with pytest.raises(ValueError, match=r'token_type=.*"access" or "refresh"'):
         jwtplus.route_options(token_type="id")
+    with pytest.raises(ValueError, match="exclude each other"):
+        jwtplus.session_route(jwtplus.route_options(optional=True)(echo_copy()))
+    with pytest.raises(ValueError, match="cannot also be optional or any_state"):
+        jwtplus.login_required(jwtplus.session_route(echo_copy()))
     with pytest.raises(ValueError, match="disagree on locations"):
         jwtplus.route_options(locations=("query",))(jwtplus.route_options(locations=("header",))(echo_copy()))
+
+
+def test_a_route_policy_is_frozen_keyword_data_with_its_locations_in_order() -> None:
+    policy = jwtplus.RoutePolicy(locations="query")  # type: ignore[arg-type]
+    assert policy.locations == ("query",)
+    assert jwtplus.RoutePolicy(locations=["body", "header", "body"]).locations == ("body", "header")  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.optional = True  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        jwtplus.RoutePolicy((), True)  # type: ignore[misc]
+    assert not hasattr(policy, "__dict__")
+    handler = jwtplus.route_options(locations=["query", "query"])(echo_copy())
+    assert handler.jwtplus_policy == jwtplus.RoutePolicy(locations=("query",))
+
+
+def test_stacked_declarations_keep_every_option_whatever_their_order() -> None:
+    def policy(*decorators: Any) -> jwtplus.RoutePolicy:
+        handler = echo_copy()
+        for decorate in reversed(decorators):
+            handler = decorate(handler)
+        return handler.jwtplus_policy  # type: ignore[no-any-return]
+
+    where = jwtplus.route_options(locations=("query",))
+    refresh = jwtplus.route_options(token_type="refresh")
+    optional = jwtplus.route_options(optional=True)
+    for a, b in ((where, refresh), (refresh, where)):
+        assert (policy(a, b).locations, policy(a, b).token_type) == (("query",), "refresh")
+    for a, b in ((jwtplus.session_route, where), (where, jwtplus.session_route)):
+        assert (policy(a, b).any_state, policy(a, b).locations) == (True, ("query",))
+    for a, b in ((optional, where), (where, optional)):
+        assert (policy(a, b).optional, policy(a, b).locations) == (True, ("query",))
+    guarded = policy(jwtplus.login_required, where, jwtplus.require_claims(role="admin"))
+    assert (len(guarded.requirements), guarded.locations) == (2, ("query",))
+    assert policy(where, where).locations == ("query",)  # the same twice is no contradiction
 
 
 def echo_copy() -> Any:
