@@ -3425,6 +3425,8 @@ def test_a_guard_refuses_what_cannot_carry_a_policy() -> None:
         jwtplus.route_options(locations=("url",))
     with pytest.raises(ValueError, match=r'token_type=.*"access" or "refresh"'):
         jwtplus.route_options(token_type="id")
+    with pytest.raises(ValueError, match=r'token_type=.*"access" or "refresh"'):
+        jwtplus.RoutePolicy(token_type="id")
     with pytest.raises(ValueError, match="exclude each other"):
         jwtplus.session_route(jwtplus.route_options(optional=True)(echo_copy()))
     with pytest.raises(ValueError, match="cannot also be optional or any_state"):
@@ -3620,6 +3622,59 @@ async def test_a_websocket_route_can_take_its_token_from_the_query_alone(make_cl
     assert refused.value.status == 401
     assert (await client.get(f"/api?access_token={token}")).status == 401  # elsewhere, no query tokens
     assert (await client.get("/api", headers=bearer(token))).status == 200
+
+
+async def test_a_refresh_route_reads_the_refresh_cookie_and_body_and_every_location_given(
+    make_client: Any,
+) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.route("*", "/renew")
+    @jwtplus.route_options(token_type="refresh", locations=("cookie", "body"))
+    async def renew(request: web.Request) -> web.Response:
+        return web.json_response({"source": request[jwtplus.TOKEN_SOURCE]})
+
+    @routes.get("/either")
+    @jwtplus.route_options(locations=("header", "query"))
+    async def either(request: web.Request) -> web.Response:
+        return web.json_response({"source": request[jwtplus.TOKEN_SOURCE]})
+
+    sessions = sessions_for()
+    client = await make_client(app=wired_app("setup", routes, sessions.manager, protected_apis=("/.*",)))
+    pair = jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
+    by_body = await client.post("/renew", json={"refresh_token": pair.refresh})
+    assert (by_body.status, await by_body.json()) == (200, {"source": "body"})
+    cookie = {"Cookie": f"__Host-refresh_token={pair.refresh}", "X-CSRF-Token": pair.csrf}
+    by_cookie = await client.post("/renew", headers=cookie)
+    assert (by_cookie.status, await by_cookie.json()) == (200, {"source": "cookie"})
+    assert (
+        await client.post("/renew", headers={"Cookie": f"__Host-refresh_token={pair.refresh}"})
+    ).status == 403
+    assert (await client.post("/renew", json={"access_token": pair.refresh})).status == 401
+    assert (await client.post("/renew", headers=bearer(pair.refresh))).status == 401  # not a location here
+    query = await client.get(f"/either?access_token={pair.access}")
+    assert (query.status, await query.json()) == (200, {"source": "query"})
+    header = await client.get("/either", headers=bearer(pair.access))
+    assert (header.status, await header.json()) == (200, {"source": "header"})
+
+
+async def test_a_guard_whose_predicate_raises_refuses_without_a_500(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.get("/team")
+    @jwtplus.require(lambda claims: claims["team"] == "red")
+    async def team(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    sm = manager()
+    client = await make_client(app=wired_app("seed pair", routes, sm))
+    assert (await client.get("/team", headers=bearer(sm.encode({"username": "ann"})))).status == 403
+    assert "predicate raised" in caplog.text
+    assert (
+        await client.get("/team", headers=bearer(sm.encode({"username": "a", "team": "red"})))
+    ).status == 200
 
 
 async def test_a_route_can_want_a_refresh_token(make_client: Any) -> None:
