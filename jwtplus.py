@@ -917,18 +917,21 @@ def _authenticator(
                 _log.warning("jwtplus: a check raised; request rejected", exc_info=True)
                 return _REJECTED
             if verdict is not None:
-                if verdict in _CHECK_VERDICTS:
+                if isinstance(verdict, str) and verdict in _CHECK_VERDICTS:
                     return _RESULTS[verdict]
-                _log.warning("jwtplus: a check returned %r, not None or a status; request rejected", verdict)
+                _log.warning(
+                    "jwtplus: a check returned a %s, not None or a status; request rejected",
+                    type(verdict).__name__,
+                )
                 return _REJECTED
         try:
             carry = identifier(payload)
             if hasattr(carry, "__await__"):  # a coroutine function's, or any awaitable
                 carry = await carry
+            if not carry:
+                return _REJECTED
         except Exception:
             _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
-            return _REJECTED
-        if not carry:
             return _REJECTED
         return tuple.__new__(AuthResult, ("pass", carry, payload))  # AuthResult(...), minus its __new__
 
@@ -1149,7 +1152,7 @@ def decide(
 
 
 _LOCATIONS = ("header", "cookie", "query", "body")
-Requirement: TypeAlias = "tuple[Callable[[dict[str, Any]], bool], Action]"
+Requirement: TypeAlias = "tuple[Callable[[dict[str, Any]], bool | Awaitable[bool]], Action]"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1191,6 +1194,7 @@ class RoutePolicy:
 
 
 _POLICY = "jwtplus_policy"
+_VIEW_METHODS = ("get", "head", "post", "put", "patch", "delete", "options")
 
 
 def _merge(outer: RoutePolicy | None, inner: RoutePolicy) -> RoutePolicy:
@@ -1227,7 +1231,14 @@ def _view_policy(view: type[web.View], method: str) -> RoutePolicy | None:
     own, whole = getattr(getattr(view, method, None), _POLICY, None), getattr(view, _POLICY, None)
     own = own if isinstance(own, RoutePolicy) else None
     whole = whole if isinstance(whole, RoutePolicy) else None
-    return own if whole is None else _merge(whole, own) if own is not None else whole
+    try:
+        return own if whole is None else _merge(whole, own) if own is not None else whole
+    except ValueError as exc:  # a subclass's method disagrees with its base class: refuse, never a 500
+        _log.error("jwtplus: %s.%s: %s; every request to it is refused", view.__qualname__, method, exc)
+        return _CONTRADICTED
+
+
+_CONTRADICTED = RoutePolicy(requirements=((lambda claims: False, Action.FORBIDDEN),))
 
 
 # ---- Answers ----
@@ -1279,13 +1290,15 @@ def _answer_headers(answer: web.Response) -> dict[str, str]:
     }
 
 
-def _enforce(policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | None) -> Action | None:
-    """The answer a guarded route gives instead of running its handler, or None to run it."""
+async def _enforce(policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | None) -> Action | None:
+    """The answer a guarded route gives instead of running its handler, or None to run it.
+
+    A predicate may be a coroutine function; one that raises refuses."""
     if status != "pass" or claims is None:
         return _refusal(status)
     for predicate, failure in policy.requirements:
         try:
-            held = bool(predicate(claims))
+            held = bool(await _maybe_await(predicate(claims)))
         except Exception:
             _log.warning("jwtplus: a guard's predicate raised; request refused", exc_info=True)
             held = False
@@ -1366,7 +1379,7 @@ def _identifier(
             return status
         request[_ENFORCED] = policy
         if policy.requirements:
-            action = _enforce(policy, status, claims)
+            action = await _enforce(policy, status, claims)
             if action is not None:
                 return _challenge(scheme, action, status)
         return status
@@ -1922,11 +1935,13 @@ def revocation_check(sessions: Sessions) -> Check:
 
 
 def _session_judge(sessions: Sessions, cookies: CookiePolicy, token_type: str) -> Authenticator:
-    """The pipeline as the session helpers run it: refresh tokens from their cookie or a JSON body,
-    access tokens from the header or their cookie; CSRF on every method, then revocation."""
+    """The pipeline as the session helpers run it: refresh tokens from their cookie, a JSON body or
+    a header; access tokens from the header or their cookie; CSRF on every method, then revocation."""
     scheme = sessions.manager.scheme
     if token_type == "refresh":  # noqa: S105 (a token type)
-        getter = any_token_getter(cookie_token_getter(cookies.refresh_cookie), body_token_getter())
+        getter = any_token_getter(
+            cookie_token_getter(cookies.refresh_cookie), body_token_getter(), header_token_getter(scheme)
+        )
     else:
         getter = any_token_getter(header_token_getter(scheme), cookie_token_getter(cookies.token_cookie))
     checks = (csrf_check(cookies, every_method=True), revocation_check(sessions))
@@ -2035,6 +2050,10 @@ async def end_session(
     now = time.time() if now is None else now
     if AUTH_STATUS in request and request[AUTH_STATUS] == "pass":
         claims = request[AUTH_CLAIMS]
+        # the middleware lets safe methods skip CSRF; a logout, whatever its method, may not
+        ambient = request.get(TOKEN_SOURCE) not in _NOT_AMBIENT
+        if claims is not None and ambient and not _csrf_ok(request, claims, cookies):
+            raise _http_error(scheme, "rejected")
     else:
         claims = None
         for token_type in ("access", "refresh"):
@@ -2053,8 +2072,13 @@ async def end_session(
             await revoke_family(sessions, family, now=now)
         elif jti is not None:
             await revoke_token(sessions, claims, now=now)
+        elif subject is not None:  # a token minted elsewhere, with no family or jti: only its subject is left
+            _log.info("jwtplus: logout of a token without fam or jti: every token of its subject is revoked")
+            await revoke_subject(sessions, subject, now=now)
         else:
-            _log.info("jwtplus: logout of a token with no jti, fam or sub: nothing to revoke")
+            _log.warning(
+                "jwtplus: logout of a token without jti, fam or sub: it stays valid until it expires"
+            )
     except Exception as exc:
         _store_failed(exc, "logout refused (503)")
         raise _http_error(scheme, "unavailable") from None
@@ -2169,20 +2193,26 @@ def redis_store(client: Any, *, prefix: str = "jwtplus:") -> RevocationStore:
 
 
 def _declare(target: _H, policy: RoutePolicy) -> _H:
-    """Put *policy* on *target* and on everything it wraps (``__wrapped__``), merged with what is there:
-    whichever of them the route holds, the middleware finds the whole policy."""
+    """Put *policy* on *target*, merged with what is there, and its guards on everything *target* wraps
+    (``__wrapped__``): whichever of them the route holds, no guard is lost. Options that admit more
+    (optional, any_state, locations, token_type) stay on *target*: a wrapped function that serves
+    another route too must not be opened up by a decorator on its wrapper."""
     merged = _merge(getattr(target, _POLICY, None), policy)
     if isinstance(target, type):  # a web.View: its methods' policies must agree with the class's now
-        for name in ("get", "head", "post", "put", "patch", "delete", "options"):
+        for name in _VIEW_METHODS:
             own = getattr(getattr(target, name, None), _POLICY, None)
             if isinstance(own, RoutePolicy):
                 _merge(merged, own)
+    guards = RoutePolicy(requirements=policy.requirements)
     item: Any = target
     seen = set()
     while item is not None and id(item) not in seen:
         seen.add(id(item))
         try:
-            setattr(item, _POLICY, merged)
+            if item is target:
+                setattr(item, _POLICY, merged)
+            elif policy.requirements:
+                setattr(item, _POLICY, _merge(getattr(item, _POLICY, None), guards))
         except (AttributeError, TypeError):
             raise TypeError(
                 f"cannot declare a route policy on {item!r}: decorate a handler function, "
@@ -2196,6 +2226,10 @@ def _guarded(handler: _H, policy: RoutePolicy) -> _H:
     """Declare *policy* on *handler*, wrapped once so that it fails loudly where no jwtplus middleware
     enforced it (a guard that nothing enforces must not look like one that passed)."""
     if isinstance(handler, type):  # a web.View class: the middleware reads the class
+        for name in _VIEW_METHODS:  # and each method it defines fails loudly where nothing enforces it
+            method = vars(handler).get(name)
+            if callable(method) and not getattr(method, "_jwtplus_guard", False):
+                setattr(handler, name, _guarded(method, RoutePolicy()))
         return _declare(handler, policy)
     if not callable(handler):
         raise TypeError(f"a guard decorates a handler, got {handler!r}")
@@ -2241,7 +2275,7 @@ def fresh_login_required(handler: _H) -> _H:
     return _guard((_fresh, Action.UNAUTHORIZED))(handler)
 
 
-def require(predicate: Callable[[dict[str, Any]], bool]) -> Callable[[_H], _H]:
+def require(predicate: Callable[[dict[str, Any]], bool | Awaitable[bool]]) -> Callable[[_H], _H]:
     """Decorate a handler to answer 403 ``insufficient_scope`` unless *predicate(claims)* holds (is truthy;
     a predicate that raises is logged and refuses)."""
     if not callable(predicate):
@@ -2457,6 +2491,8 @@ class JWTHelper:
 
 
 def show_request_info(request: web.Request) -> None:
-    """Print a request's method, path and what jwtplus made of it (never its token)."""
+    """Print a request's method, path and what jwtplus made of it (never its token nor its CSRF value)."""
     status, carry = request.get(AUTH_STATUS), request.get(AUTH_CARRY)
+    if isinstance(carry, Mapping) and "csrf" in carry:
+        carry = {**carry, "csrf": "<hidden>"}
     print(f"{request.method} {request.path} from {request.remote}: auth_status={status} auth_carry={carry!r}")

@@ -598,6 +598,21 @@ async def test_checks_may_be_any_iterable_of_functions(make_client: Any, given: 
     assert (await client.get("/api", headers={**token, "X-Tenant": "globex"})).status == 403
 
 
+def test_middleware_factories_refuse_bad_pieces_at_construction() -> None:
+    sm, rules = manager(), RoutingRules()
+    with pytest.raises(TypeError, match="rules must be a RoutingRules"):
+        jwtplus.jwt_middleware(manager=sm, rules={"whitelist": ()})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="token_getter must be callable"):
+        jwtplus.authentication_middleware(manager=sm, token_getter="Authorization")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="identifier must be callable"):
+        jwtplus.jwt_middleware(manager=sm, rules=rules, identifier="username")  # type: ignore[arg-type]
+    for pages in ({"login_page": True}, {"app_page": True}):
+        with pytest.raises(ValueError, match="must say whether each page handler is given"):
+            jwtplus.router_middleware(rules=RoutingRules(**pages))
+    with pytest.raises(ValueError, match="must say whether each page handler is given"):
+        jwtplus.router_middleware(rules=rules, app_page_handler=index_page)
+
+
 def test_checks_are_refused_at_construction_unless_a_list_of_functions() -> None:
     with pytest.raises(TypeError, match="trailing comma"):
         JWTHelper(secret_manager=manager(), checks=same_tenant)  # type: ignore[arg-type]
@@ -3186,10 +3201,19 @@ async def test_the_refresh_cookie_needs_csrf_even_on_a_get_logout(aiohttp_client
     app = web.Application()
     jwtplus.setup(app, JWTHelper(sessions=sessions, cookies=jwtplus.CookiePolicy()))
     app.add_routes(routes)
+    app.router.add_get("/me", echo)
     client = await aiohttp_client(app)
-    pair = jwtplus.issue_tokens(sessions, "ann")
+    pair = jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
     refused = await client.get("/logout", headers={"Cookie": f"__Host-refresh_token={pair.refresh}"})
     assert refused.status == 403  # an <img src=/logout> on a sibling site gets nowhere
+    both = {"Cookie": f"__Host-access_token={pair.access}; __Host-refresh_token={pair.refresh}"}
+    for foreign in ({}, {"Origin": "https://evil.example", "Sec-Fetch-Site": "same-site"}):
+        assert (
+            await client.get("/logout", headers={**both, **foreign})
+        ).status == 403  # a valid access cookie too
+    assert (await client.get("/me", headers=bearer(pair.access))).status == 200  # nothing was revoked
+    assert (await client.get("/logout", headers={**both, "X-CSRF-Token": pair.csrf})).status == 200
+    assert (await client.get("/me", headers=bearer(pair.access))).status == 401
 
 
 async def test_a_token_without_jti_passes_and_logs_out_without_a_503(
@@ -3207,6 +3231,27 @@ async def test_a_token_without_jti_passes_and_logs_out_without_a_503(
     assert ran == ["me", "logout"]
     with pytest.raises(ValueError, match="no jti"):
         await jwtplus.revoke_token(sessions, {"sub": "ann", "exp": time.time() + 60})
+
+
+async def test_logout_of_a_token_with_only_a_subject_revokes_the_subject(make_client: Any) -> None:
+    client, _, _ = await session_client(make_client)
+    foreign = jwt.encode(
+        {"sub": "u1", "username": "u1", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+    )
+    assert (await client.get("/me", headers=bearer(foreign))).status == 200
+    assert (await client.post("/logout", headers=bearer(foreign))).status == 200
+    assert (await client.get("/me", headers=bearer(foreign))).status == 401
+
+
+async def test_a_refresh_token_in_the_authorization_header_refreshes_and_logs_out(make_client: Any) -> None:
+    client, _, _ = await session_client(make_client)
+    pair = await log_in(client)
+    renewed = await client.post("/refresh", headers=bearer(pair["refresh"]))
+    assert renewed.status == 200
+    newer = await renewed.json()
+    assert (await client.post("/logout", headers=bearer(newer["refresh"]))).status == 200
+    assert (await client.post("/refresh", headers=bearer(newer["refresh"]))).status == 401
+    assert (await client.get("/me", headers=bearer(newer["access"]))).status == 401
 
 
 async def test_revocation_keys_of_absent_or_odd_claims_never_collide(make_client: Any) -> None:
@@ -3469,6 +3514,125 @@ def test_stacked_declarations_keep_every_option_whatever_their_order() -> None:
     assert policy(where, where).locations == ("query",)  # the same twice is no contradiction
 
 
+async def test_an_async_predicate_is_awaited(make_client: Any) -> None:
+    routes = web.RouteTableDef()
+
+    async def is_admin(claims: dict[str, Any]) -> bool:
+        await asyncio.sleep(0)
+        return claims.get("role") == "admin"
+
+    @routes.post("/admin")
+    @jwtplus.require(is_admin)
+    async def admin(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm))
+    assert (
+        await client.post("/admin", headers=bearer(sm.encode({"username": "a", "role": "user"})))
+    ).status == 403
+    assert (
+        await client.post("/admin", headers=bearer(sm.encode({"username": "a", "role": "admin"})))
+    ).status == 200
+
+
+async def test_an_option_on_a_wrapper_never_opens_the_function_it_wraps(make_client: Any) -> None:
+    async def report(request: web.Request) -> web.Response:
+        return web.json_response({"status": request[jwtplus.AUTH_STATUS]})
+
+    def logged(handler: Any) -> Any:
+        @functools.wraps(handler)
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            return await handler(request)
+
+        return wrapper
+
+    routes = web.RouteTableDef()
+    routes.get("/report")(report)
+    routes.get("/report-any")(jwtplus.session_route(logged(report)))
+    routes.get("/report-optional")(jwtplus.route_options(optional=True)(logged(report)))
+    routes.get("/report-guarded")(jwtplus.require_claims(role="admin")(logged(report)))
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm, protected_apis=("/report.*",)))
+    assert (await client.get("/report-any")).status == 200
+    assert (await client.get("/report-optional")).status == 200
+    assert (await client.get("/report")).status == 401  # the wrapped function's own route stays closed
+    bad = bearer(tampered(sm.encode({"username": "a"})))
+    assert (await client.get("/report", headers=bad)).status == 401
+    user = bearer(sm.encode({"username": "a", "role": "user"}))
+    assert (await client.get("/report-guarded", headers=user)).status == 403
+    assert (
+        await client.get("/report", headers=user)
+    ).status == 403  # a guard reaches what it wraps: stricter
+
+
+@pytest.mark.parametrize(
+    "verdict",
+    [[], {}, ["invalid"], {"csrf": "a-claim-value"}, object()],
+    ids=["empty list", "empty dict", "a list", "a dict", "an object"],
+)
+async def test_a_check_returning_anything_odd_rejects_and_logs_no_value(
+    make_client: Any, verdict: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def odd(request: web.Request, claims: dict[str, Any], now: float) -> Any:
+        return verdict
+
+    ran: list[str] = []
+    client = await make_client(app=checked_app(ran, (odd,)))
+    assert (await client.get("/api", headers=bearer(manager().encode({"username": "ann"})))).status == 403
+    assert ran == []
+    assert "a-claim-value" not in caplog.text
+
+
+async def test_an_identifier_whose_result_cannot_be_judged_rejects(make_client: Any) -> None:
+    class Moody:
+        def __bool__(self) -> bool:
+            raise RuntimeError("no opinion")
+
+    helper = seed_helper(manager(), identifier=lambda payload: Moody())
+    client = await make_client(helper)
+    assert (
+        await client.get("/setattr_api", headers=bearer(manager().encode({"username": "a"})))
+    ).status == 403
+
+
+async def test_a_view_subclass_that_contradicts_its_base_is_refused_never_a_500(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    @jwtplus.login_required
+    class Base(web.View):
+        async def get(self) -> web.Response:
+            return web.json_response({"ok": True})
+
+    class Child(Base):
+        @jwtplus.route_options(optional=True)
+        async def get(self) -> web.Response:
+            return web.json_response({"ok": True})
+
+    routes = web.RouteTableDef()
+    routes.view("/child")(Child)
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm))
+    assert (await client.get("/child", headers=bearer(sm.encode({"username": "a"})))).status == 403
+    assert "every request to it is refused" in caplog.text
+
+
+async def test_a_guarded_view_without_a_jwtplus_middleware_fails_loudly(aiohttp_client: Any) -> None:
+    ran: list[str] = []
+
+    @jwtplus.login_required
+    class Secret(web.View):
+        async def get(self) -> web.Response:
+            ran.append("get")
+            return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_view("/secret", Secret)
+    client = await aiohttp_client(app)
+    assert (await client.get("/secret")).status == 500
+    assert ran == []
+
+
 def echo_copy() -> Any:
     async def handler(request: web.Request) -> web.Response:
         return await echo(request)
@@ -3724,6 +3888,10 @@ def test_show_request_info_prints_no_token(capsys: pytest.CaptureFixture[str]) -
     jwtplus.show_request_info(request)
     out = capsys.readouterr().out
     assert out.startswith("GET / ") and token not in out
+    request[jwtplus.AUTH_CARRY] = {"username": "ann", "csrf": "the-double-submit-secret"}
+    jwtplus.show_request_info(request)
+    out = capsys.readouterr().out
+    assert "the-double-submit-secret" not in out and "'username': 'ann'" in out
 
 
 def test_functools_composition_of_the_factories() -> None:
