@@ -84,8 +84,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 FIRST = {  # the tests most likely to kill a section's mutants, run first (then, if all pass, every test)
     "pipeline": "check or authenticate or identifier or getter or seed or protected or csrf or cache",
-    "route policies": "guard or optional or route or policy or view or decide or scope or refresh or location",
-    "middlewares": "guard or optional or route or view or middleware or seed or cache or location or factories",
+    "route policies": "guard or optional or route or policy or view or decide or scope or location",
+    "middlewares": "guard or optional or route or view or middleware or seed or cache or location",
     "checks": "csrf or cookie or revoc or logout or jti or store or session or trusted or origin",
     "guards": "guard or view or scope or fresh or login_required or require or policy or option or wrapper",
     "time claims": "claim or exp or iat or nbf or audience or datetime or decode or leeway",
