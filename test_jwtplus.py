@@ -3617,6 +3617,21 @@ async def test_a_view_subclass_that_contradicts_its_base_is_refused_never_a_500(
     assert "every request to it is refused" in caplog.text
 
 
+async def test_a_foreign_attribute_of_the_policy_name_is_no_policy(make_client: Any) -> None:
+    class Plain(web.View):
+        async def get(self) -> web.Response:
+            return web.json_response({"ok": True})
+
+    Plain.get.jwtplus_policy = "not a policy"  # type: ignore[attr-defined]
+    Plain.jwtplus_policy = {"optional": True}  # type: ignore[attr-defined]
+    routes = web.RouteTableDef()
+    routes.view("/plain")(Plain)
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm, protected_apis=("/plain",)))
+    assert (await client.get("/plain")).status == 401  # neither admits anything
+    assert (await client.get("/plain", headers=bearer(sm.encode({"username": "a"})))).status == 200
+
+
 async def test_a_guarded_view_without_a_jwtplus_middleware_fails_loudly(aiohttp_client: Any) -> None:
     ran: list[str] = []
 
