@@ -3837,6 +3837,48 @@ async def test_a_refresh_route_reads_the_refresh_cookie_and_body_and_every_locat
     assert (header.status, await header.json()) == (200, {"source": "header"})
 
 
+async def test_a_refresh_route_without_locations_takes_the_header_the_refresh_cookie_or_the_body(
+    make_client: Any,
+) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.post("/renew")
+    @jwtplus.route_options(token_type="refresh")
+    async def renew(request: web.Request) -> web.Response:
+        return web.json_response({"source": request[jwtplus.TOKEN_SOURCE]})
+
+    sessions = sessions_for()
+    client = await make_client(app=wired_app("seed pair", routes, sessions.manager))
+    pair = jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
+    cookie = {"Cookie": f"__Host-refresh_token={pair.refresh}", "X-CSRF-Token": pair.csrf}
+    for kwargs, source in (
+        ({"headers": bearer(pair.refresh)}, "header"),
+        ({"json": {"refresh_token": pair.refresh}}, "body"),
+        ({"headers": cookie}, "cookie"),
+    ):
+        answer = await client.post("/renew", **kwargs)
+        assert (answer.status, await answer.json()) == (200, {"source": source})
+    assert (await client.post("/renew", headers=bearer(pair.access))).status == 401
+
+
+async def test_a_guarded_route_uses_the_apps_own_token_getter(make_client: Any) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.get("/mine")
+    @jwtplus.login_required
+    async def mine(request: web.Request) -> web.Response:
+        return web.json_response({"source": request.get(jwtplus.TOKEN_SOURCE, "custom")})
+
+    def x_token(request: web.Request) -> str | None:
+        return request.headers.get("X-Token")
+
+    sm = manager()
+    client = await make_client(app=wired_app("setup", routes, sm, token_getter=x_token))
+    token = sm.encode({"username": "ann"})
+    assert (await client.get("/mine", headers={"X-Token": token})).status == 200
+    assert (await client.get("/mine", headers=bearer(token))).status == 401  # not where this app looks
+
+
 async def test_a_guard_whose_predicate_raises_refuses_without_a_500(
     make_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
