@@ -3283,6 +3283,31 @@ async def test_a_whitelisted_path_without_a_token_never_touches_the_store(make_c
     assert touched == []
 
 
+async def test_a_token_with_nothing_to_look_up_never_touches_the_store(make_client: Any) -> None:
+    touched: list[Sequence[str]] = []
+    inner = jwtplus.memory_store()
+
+    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+        touched.append(list(keys))
+        return await inner.get_many(keys, now)
+
+    client, _, _ = await session_client(
+        make_client, store=jwtplus.RevocationStore(inner.put, get_many, inner.consume)
+    )
+    bare = jwt.encode({"username": "u", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    assert (await client.get("/me", headers=bearer(bare))).status == 200
+    assert touched == []
+    with_jti = jwt.encode(
+        {"username": "u", "jti": "j1", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+    )
+    assert (await client.get("/me", headers=bearer(with_jti))).status == 200
+    assert touched == [["revoked:j1"]]
+    with pytest.raises(TypeError, match="cookies must be a CookiePolicy"):
+        jwtplus.csrf_check("__Host-csrf_token")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sessions must be a Sessions"):
+        jwtplus.revocation_check(inner)  # type: ignore[arg-type]
+
+
 async def test_a_whitelisted_path_with_a_token_is_served_when_the_store_is_down(
     aiohttp_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
