@@ -3308,6 +3308,39 @@ async def test_a_token_with_nothing_to_look_up_never_touches_the_store(make_clie
         jwtplus.revocation_check(inner)  # type: ignore[arg-type]
 
 
+async def test_a_revoked_family_stays_revoked_for_tokens_issued_after_it() -> None:
+    sessions = sessions_for()
+    pair = jwtplus.issue_tokens(sessions, "ann", now=NOW)
+    await jwtplus.revoke_family(sessions, pair.family, now=NOW)
+    later = jwtplus.issue_tokens(sessions, "ann", family=pair.family, now=NOW + 60)
+    claims = sessions.manager.decode(later.access, now=NOW + 61)
+    check = jwtplus.revocation_check(sessions)
+    assert await check(make_mocked_request("GET", "/"), claims, NOW + 61) == "invalid"  # type: ignore[misc]
+
+
+async def test_a_store_that_answers_short_is_unavailable_never_a_pass(make_client: Any) -> None:
+    async def short(keys: Sequence[str], now: float) -> list[float | None]:
+        return []
+
+    inner = jwtplus.memory_store()
+    client, sessions, _ = await session_client(
+        make_client, store=jwtplus.RevocationStore(inner.put, short, inner.consume)
+    )
+    pair = jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
+    assert (await client.get("/me", headers=bearer(pair.access))).status == 503
+
+
+@pytest.mark.parametrize("missing", ["jti", "fam", "sub"])
+async def test_a_refresh_token_without_jti_fam_or_sub_cannot_refresh(make_client: Any, missing: str) -> None:
+    client, sessions, _ = await session_client(make_client)
+    claims = {"type": "refresh", "username": "ann", "jti": "j-1", "fam": "f-1", "sub": "ann"}
+    del claims[missing]
+    token = sessions.manager.encode(claims)
+    if missing == "jti":  # encode adds a random jti: strip it again by minting the token by hand
+        token = jwt.encode({**claims, "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    assert (await client.post("/refresh", json={"refresh_token": token})).status == 401
+
+
 async def test_a_whitelisted_path_with_a_token_is_served_when_the_store_is_down(
     aiohttp_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
