@@ -3318,6 +3318,30 @@ async def test_a_revoked_family_stays_revoked_for_tokens_issued_after_it() -> No
     assert await check(make_mocked_request("GET", "/"), claims, NOW + 61) == "invalid"  # type: ignore[misc]
 
 
+async def test_revoking_a_family_or_subject_lasts_exactly_as_long_as_their_tokens() -> None:
+    sessions = sessions_for()
+    pair = jwtplus.issue_tokens(sessions, "ann", now=NOW)
+    claims = sessions.manager.decode(pair.refresh, now=NOW)
+    check = jwtplus.revocation_check(sessions)
+    request = make_mocked_request("GET", "/")
+    for revoke in (jwtplus.revoke_family, jwtplus.revoke_subject):
+        sessions = sessions_for(manager=sessions.manager)
+        check = jwtplus.revocation_check(sessions)
+        await revoke(sessions, pair.family if revoke is jwtplus.revoke_family else "ann", now=NOW)
+        assert await check(request, claims, NOW + 1) == "invalid"  # type: ignore[misc]
+        end = NOW + sessions.refresh_seconds  # every token of the family has expired by then
+        assert await check(request, claims, end + 1) is None  # type: ignore[misc]
+    for bad in ("", None, 7):
+        with pytest.raises(ValueError, match="non-empty string"):
+            await jwtplus.revoke_family(sessions, bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="non-empty string"):
+            await jwtplus.revoke_subject(sessions, bad)  # type: ignore[arg-type]
+    await jwtplus.revoke_family(sessions, "f-now")  # the real clock, when no now is given
+    await jwtplus.revoke_subject(sessions, "s-now")
+    live = {"fam": "f-now", "sub": "other", "iat": time.time() - 1}
+    assert await check(request, live, time.time()) == "invalid"  # type: ignore[misc]
+
+
 async def test_a_store_that_answers_short_is_unavailable_never_a_pass(make_client: Any) -> None:
     async def short(keys: Sequence[str], now: float) -> list[float | None]:
         return []

@@ -138,6 +138,11 @@ def is_log_call(node: ast.AST) -> bool:
         and isinstance(node.value.func, ast.Attribute)
         and isinstance(node.value.func.value, ast.Name)
         and node.value.func.value.id == "_log"
+    ) or (
+        isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == "_store_failed"  # a log line too
     )
 
 
