@@ -2040,7 +2040,8 @@ async def end_session(
     JSON ``refresh_token``; with *everywhere*, every token of the subject.
 
     Nothing left to revoke (logged out already, or never logged in) is no
-    error, so logging out twice works. Clear the browser's cookies with
+    error, so logging out twice works; what the middleware refused (CSRF, two tokens, the store down)
+    logout refuses the same way. Clear the browser's cookies with
     :func:`clear_login_cookies`. Raises ``web.HTTPForbidden`` when a cookie-borne
     token fails the CSRF check, ``web.HTTPBadRequest`` for two different tokens,
     and ``web.HTTPServiceUnavailable`` when the store cannot be reached. Mark the
@@ -2048,7 +2049,10 @@ async def end_session(
     """
     scheme = sessions.manager.scheme
     now = time.time() if now is None else now
-    if AUTH_STATUS in request and request[AUTH_STATUS] == "pass":
+    judged = request.get(AUTH_STATUS)
+    if judged in ("rejected", "malformed", "unavailable"):  # what the middleware refused, logout refuses
+        raise _http_error(scheme, judged)
+    if judged == "pass":
         claims = request[AUTH_CLAIMS]
         # the middleware lets safe methods skip CSRF; a logout, whatever its method, may not
         ambient = request.get(TOKEN_SOURCE) not in _NOT_AMBIENT

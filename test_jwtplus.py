@@ -3342,6 +3342,55 @@ async def test_revoking_a_family_or_subject_lasts_exactly_as_long_as_their_token
     assert await check(request, live, time.time()) == "invalid"  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("wiring", ["a custom getter", "no jwtplus middleware"])
+async def test_end_session_revokes_what_the_app_authenticated(aiohttp_client: Any, wiring: str) -> None:
+    sessions = sessions_for()
+
+    @jwtplus.session_route
+    async def logout(request: web.Request) -> web.Response:
+        await jwtplus.end_session(request, sessions)
+        return web.json_response({"ok": True})
+
+    if wiring == "a custom getter":
+
+        def x_token(request: web.Request) -> str | None:
+            token = request.headers.get("X-Token")
+            if token:
+                request[jwtplus.TOKEN_SOURCE] = "header"  # as the README says: not a cookie, no CSRF
+            return token
+
+        app = web.Application()
+        jwtplus.setup(app, JWTHelper(sessions=sessions, token_getter=x_token))
+        headers = lambda token: {"X-Token": token}  # noqa: E731
+    else:
+        app = web.Application()
+        headers = bearer
+    app.router.add_post("/logout", logout)
+    client = await aiohttp_client(app)
+    pair = jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
+    assert (await client.post("/logout", headers=headers(pair.access))).status == 200
+    claims = sessions.manager.decode(pair.access)
+    check = jwtplus.revocation_check(sessions)
+    assert await check(make_mocked_request("GET", "/"), claims, time.time()) == "invalid"  # type: ignore[misc]
+
+
+async def test_a_logout_the_middleware_refused_is_refused(aiohttp_client: Any) -> None:
+    sessions = sessions_for()
+
+    @jwtplus.session_route
+    async def logout(request: web.Request) -> web.Response:
+        await jwtplus.end_session(request, sessions)
+        return web.json_response({"ok": True})
+
+    unlabelled = JWTHelper(sessions=sessions, token_getter=lambda request: request.headers.get("X-Token"))
+    app = web.Application()
+    jwtplus.setup(app, unlabelled)
+    app.router.add_post("/logout", logout)
+    client = await aiohttp_client(app)
+    pair = jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
+    assert (await client.post("/logout", headers={"X-Token": pair.access})).status == 403  # CSRF fails closed
+
+
 async def test_a_store_that_answers_short_is_unavailable_never_a_pass(make_client: Any) -> None:
     async def short(keys: Sequence[str], now: float) -> list[float | None]:
         return []
