@@ -2829,7 +2829,8 @@ async def test_fifty_concurrent_refreshes_of_one_token_give_exactly_one_pair(mak
 async def test_logout_revokes_the_family_and_everywhere_revokes_the_subject(make_client: Any) -> None:
     ran: list[str] = []
     client = await make_client(app=session_app(sessions_for(), ran))
-    phone, laptop = await log_in(client), await log_in(client)
+    phone, laptop, tablet = await log_in(client), await log_in(client), await log_in(client)
+    bystander = await log_in(client, "bob")
     logout = await client.post("/logout", headers=bearer(phone["access"]))
     assert logout.status == 200
     assert (await client.get("/me", headers=bearer(phone["access"]))).status == 401
@@ -2839,6 +2840,9 @@ async def test_logout_revokes_the_family_and_everywhere_revokes_the_subject(make
     assert everywhere.status == 200
     assert (await client.get("/me", headers=bearer(laptop["access"]))).status == 401
     assert (await client.post("/refresh", json={"refresh_token": laptop["refresh"]})).status == 401
+    assert (await client.get("/me", headers=bearer(tablet["access"]))).status == 401  # another family, too
+    assert (await client.post("/refresh", json={"refresh_token": tablet["refresh"]})).status == 401
+    assert (await client.get("/me", headers=bearer(bystander["access"]))).status == 200
 
 
 async def test_revocation_is_checked_after_the_signature_and_keyed_by_jti() -> None:
