@@ -3783,6 +3783,24 @@ async def test_a_guarded_view_without_a_jwtplus_middleware_fails_loudly(aiohttp_
     assert ran == []
 
 
+def test_a_view_class_and_its_methods_must_agree_at_decoration() -> None:
+    class Socket(web.View):
+        @jwtplus.route_options(locations=("query",))
+        async def get(self) -> web.Response:
+            return web.json_response({})
+
+    with pytest.raises(ValueError, match="disagree on locations"):
+        jwtplus.route_options(locations=("header",))(Socket)
+    with pytest.raises(ValueError, match="cannot also be optional"):
+        jwtplus.login_required(jwtplus.route_options(optional=True)(type("Open", (web.View,), {})))
+
+
+def test_a_wrapper_chain_that_loops_is_walked_once() -> None:
+    handler = echo_copy()
+    handler.__wrapped__ = handler  # type: ignore[attr-defined]
+    assert jwtplus.login_required(handler).jwtplus_policy.requirements  # type: ignore[attr-defined]
+
+
 def echo_copy() -> Any:
     async def handler(request: web.Request) -> web.Response:
         return await echo(request)
