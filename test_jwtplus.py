@@ -3795,6 +3795,13 @@ def test_a_view_class_and_its_methods_must_agree_at_decoration() -> None:
         jwtplus.login_required(jwtplus.route_options(optional=True)(type("Open", (web.View,), {})))
 
 
+def test_stacked_guards_share_one_wrapper() -> None:
+    handler = echo_copy()
+    guarded = jwtplus.login_required(jwtplus.require_claims(role="admin")(handler))
+    assert guarded.__wrapped__ is handler  # type: ignore[attr-defined]
+    assert len(guarded.jwtplus_policy.requirements) == 2  # type: ignore[attr-defined]
+
+
 def test_a_wrapper_chain_that_loops_is_walked_once() -> None:
     handler = echo_copy()
     handler.__wrapped__ = handler  # type: ignore[attr-defined]
