@@ -3795,6 +3795,12 @@ def test_a_view_class_and_its_methods_must_agree_at_decoration() -> None:
         jwtplus.login_required(jwtplus.route_options(optional=True)(type("Open", (web.View,), {})))
 
 
+def test_what_cannot_carry_a_policy_is_refused_by_every_decorator() -> None:
+    for decorate in (jwtplus.route_options(optional=True), jwtplus.session_route):
+        with pytest.raises(TypeError, match="cannot declare a route policy"):
+            decorate(len)
+
+
 def test_stacked_guards_share_one_wrapper() -> None:
     handler = echo_copy()
     guarded = jwtplus.login_required(jwtplus.require_claims(role="admin")(handler))
