@@ -3247,6 +3247,14 @@ async def test_logout_of_a_token_with_only_a_subject_revokes_the_subject(make_cl
     assert (await client.get("/me", headers=bearer(foreign))).status == 401
 
 
+async def test_logout_of_a_token_with_a_jti_but_no_family_revokes_that_token(make_client: Any) -> None:
+    client, sessions, _ = await session_client(make_client)
+    plain, other = (sessions.manager.encode({"username": "u", "sub": "u"}) for _ in range(2))
+    assert (await client.post("/logout", headers=bearer(plain))).status == 200
+    assert (await client.get("/me", headers=bearer(plain))).status == 401
+    assert (await client.get("/me", headers=bearer(other))).status == 200  # by jti: not the whole subject
+
+
 async def test_a_refresh_token_in_the_authorization_header_refreshes_and_logs_out(make_client: Any) -> None:
     client, _, _ = await session_client(make_client)
     pair = await log_in(client)
