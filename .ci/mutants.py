@@ -249,6 +249,8 @@ def run(mutant: Mutant | None, source: str, scratch: Path, timeout: float) -> tu
         except subprocess.TimeoutExpired:
             return mutant, "killed (timeout)"
         if done.returncode not in (0, 5):  # 5: the first pass selected no test
+            if mutant is None:
+                print(done.stdout[-3000:], file=sys.stderr)
             return mutant, "killed"
     return mutant, "survived"
 
