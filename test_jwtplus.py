@@ -2116,6 +2116,17 @@ def path_app(*, spa: bool = False, whitelist: Iterable[str] = WHITELIST) -> web.
     return app
 
 
+def spa_path_rules() -> jwtplus.RoutingRules:
+    """The SPA table of the path tests: a login page, an app page, WHITELIST and PROTECTED."""
+    return jwtplus.RoutingRules(
+        login_route="/login.html",
+        whitelist=WHITELIST,
+        protected_apis=PROTECTED,
+        login_page=True,
+        app_page=True,
+    )
+
+
 def router_path(target: str) -> str:
     """What aiohttp's router matches for a request target: ``rel_url.path_safe``."""
     path = target.partition("#")[0].partition("?")[0]
@@ -2297,13 +2308,7 @@ async def test_path_spelling_spa_mode(aiohttp_client: Any, target: str, anonymou
     client.server.app[HITS].clear()
     assert_refused(await raw_request(client, target, method="POST"), CHALLENGE_MISSING)
     assert hits(client) == []
-    rules = jwtplus.RoutingRules(
-        login_route="/login.html",
-        whitelist=WHITELIST,
-        protected_apis=PROTECTED,
-        login_page=True,
-        app_page=True,
-    )
+    rules = spa_path_rules()
     action = jwtplus.decide(rules, router_path(target), "GET", True, "missing")
     assert action is (jwtplus.Action.UNAUTHORIZED if anonymous == "401" else jwtplus.Action.LOGIN_PAGE)
 
@@ -2421,13 +2426,7 @@ def test_decide_whitelists_only_what_every_reading_allows(raw: str, method: str)
 def test_decide_protects_what_any_reading_protects(raw: str) -> None:
     """In SPA mode a protected path answers 401, never the login page, however it is spelled."""
     path = router_path(raw)
-    rules = jwtplus.RoutingRules(
-        login_route="/login.html",
-        whitelist=WHITELIST,
-        protected_apis=PROTECTED,
-        login_page=True,
-        app_page=True,
-    )
+    rules = spa_path_rules()
     action = jwtplus.decide(rules, path, "GET", True, "missing")
     if action is jwtplus.Action.HANDLER:
         return  # whitelisted: checked above
