@@ -952,15 +952,20 @@ def _validated_checks(checks: Iterable[Check], *, name: str = "checks") -> tuple
     return checks
 
 
-def _has_csrf(checks: tuple[Check, ...]) -> bool:
-    return any(isinstance(getattr(check, "csrf_policy", None), CookiePolicy) for check in checks)
+def _csrf_policy(checks: tuple[Check, ...]) -> CookiePolicy | None:
+    """The policy of the first CSRF check among *checks*, or None when there is none."""
+    for check in checks:
+        policy = getattr(check, "csrf_policy", None)
+        if isinstance(policy, CookiePolicy):
+            return policy
+    return None
 
 
 def _checks(checks: Iterable[Check]) -> tuple[Check, ...]:
     """Validate *checks*, putting the default CSRF check first unless one of them is a CSRF check:
     no list of checks can turn CSRF protection off by leaving it out."""
     checks = _validated_checks(checks)
-    return checks if _has_csrf(checks) else (csrf_check(), *checks)
+    return checks if _csrf_policy(checks) else (csrf_check(), *checks)
 
 
 def _token_type(value: str, name: str = "token_type") -> str:
@@ -1231,8 +1236,10 @@ def _view_policy(view: type[web.View], method: str) -> RoutePolicy | None:
     own, whole = getattr(getattr(view, method, None), _POLICY, None), getattr(view, _POLICY, None)
     own = own if isinstance(own, RoutePolicy) else None
     whole = whole if isinstance(whole, RoutePolicy) else None
+    if whole is None or own is None:
+        return own or whole
     try:
-        return own if whole is None else _merge(whole, own) if own is not None else whole
+        return _merge(whole, own)
     except ValueError as exc:  # a subclass's method disagrees with its base class: refuse, never a 500
         _log.error("jwtplus: %s.%s: %s; every request to it is refused", view.__qualname__, method, exc)
         return _CONTRADICTED
@@ -1247,6 +1254,7 @@ _BODY_400 = b'{"error":"bad_request"}'
 _BODY_401 = b'{"error":"unauthorized"}'
 _BODY_403 = b'{"error":"forbidden"}'
 _BODY_503 = b'{"error":"unavailable"}'
+_BODIES = {400: _BODY_400, 401: _BODY_401, 403: _BODY_403, 503: _BODY_503}
 
 
 def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
@@ -1279,15 +1287,8 @@ def _http_error(scheme: str, status: AuthStatus) -> web.HTTPException:
     error = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden}.get(
         answer.status, web.HTTPServiceUnavailable
     )
-    body = answer.body
-    text = body.decode() if isinstance(body, bytes) else ""
-    return error(text=text, content_type="application/json", headers=_answer_headers(answer))
-
-
-def _answer_headers(answer: web.Response) -> dict[str, str]:
-    return {
-        k: v for k, v in answer.headers.items() if k in ("WWW-Authenticate", "Cache-Control", "Retry-After")
-    }
+    headers = {k: v for k, v in answer.headers.items() if k != "Content-Type"}
+    return error(text=_BODIES[answer.status].decode(), content_type="application/json", headers=headers)
 
 
 async def _enforce(policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | None) -> Action | None:
@@ -1345,7 +1346,7 @@ def _identifier(
         raise TypeError(f"identifier must be callable or None, got {identifier!r}")
     identifier = identifier or basic_identifier
     checks = _checks(checks)
-    cookies = next(c.csrf_policy for c in checks if _has_csrf((c,)))  # type: ignore[attr-defined]
+    cookies = _csrf_policy(checks) or DEFAULT_COOKIES
     decode = cached_decoder(manager, size=cache_size)
     judge = _authenticator(manager, token_getter, identifier, "access", checks, decode)
     judges: dict[tuple[tuple[str, ...] | None, str], Authenticator] = {(None, "access"): judge}
@@ -1604,6 +1605,11 @@ class CookiePolicy:
 
 
 DEFAULT_COOKIES = CookiePolicy()
+
+
+def _header_or_cookie_getter(scheme: str, cookies: CookiePolicy) -> TokenGetter:
+    """Where a browser app's access token comes from: the Authorization header, or the token cookie."""
+    return any_token_getter(header_token_getter(scheme), cookie_token_getter(cookies.token_cookie))
 
 
 def set_token_cookies(
@@ -1943,7 +1949,7 @@ def _session_judge(sessions: Sessions, cookies: CookiePolicy, token_type: str) -
             cookie_token_getter(cookies.refresh_cookie), body_token_getter(), header_token_getter(scheme)
         )
     else:
-        getter = any_token_getter(header_token_getter(scheme), cookie_token_getter(cookies.token_cookie))
+        getter = _header_or_cookie_getter(scheme, cookies)
     checks = (csrf_check(cookies, every_method=True), revocation_check(sessions))
     return _authenticator(sessions.manager, getter, _claims_themselves, token_type, checks, None)
 
@@ -2055,8 +2061,7 @@ async def end_session(
     if judged == "pass":
         claims = request[AUTH_CLAIMS]
         # the middleware lets safe methods skip CSRF; a logout, whatever its method, may not
-        ambient = request.get(TOKEN_SOURCE) not in _NOT_AMBIENT
-        if claims is not None and ambient and not _csrf_ok(request, claims, cookies):
+        if claims is not None and csrf_check(cookies, every_method=True)(request, claims, now) is not None:
             raise _http_error(scheme, "rejected")
     else:
         claims = None
@@ -2436,7 +2441,7 @@ class JWTHelper:
             raise ValueError(f"cache_size={self.cache_size!r} must be a whole number of tokens (0: no cache)")
         setattr_("manager", manager)
         own = _validated_checks(self.checks)
-        contributed = [] if _has_csrf(own) else [csrf_check(self.cookies or DEFAULT_COOKIES)]
+        contributed = [] if _csrf_policy(own) else [csrf_check(self.cookies or DEFAULT_COOKIES)]
         if self.sessions is not None:
             contributed.append(revocation_check(self.sessions))
         setattr_("all_checks", (*contributed, *own))
@@ -2455,11 +2460,7 @@ class JWTHelper:
         """The seed's getter follows the manager's scheme; given cookies, the token cookie is read too."""
         if self.token_getter is not None and self.token_getter is not basic_token_getter:
             return self.token_getter
-        if self.cookies is None:
-            return None
-        return any_token_getter(
-            header_token_getter(self.manager.scheme), cookie_token_getter(self.cookies.token_cookie)
-        )
+        return None if self.cookies is None else _header_or_cookie_getter(self.manager.scheme, self.cookies)
 
     def pre_jwt_identifier(self) -> Middleware:
         """The first middleware: authenticate the request (see :func:`authentication_middleware`)."""

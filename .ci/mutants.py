@@ -32,7 +32,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "pipeline": (
         "_authenticator",
         "_validated_checks",
-        "_has_csrf",
+        "_csrf_policy",
         "_checks",
         "_token_type",
         "authenticate",
