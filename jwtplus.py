@@ -52,7 +52,6 @@ import math
 import re
 import secrets
 import time
-import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
@@ -75,7 +74,6 @@ __all__ = (
     "KeyIdError",
     "StoreFullError",
     "TokenTooLargeError",
-    "WeakSecretWarning",
     # durations
     "parse_duration",
     # keys and rotation
@@ -181,6 +179,8 @@ MAX_TOKEN_LENGTH = 8192
 _MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z
 _MAX_DURATION = 10**10  # seconds, about 317 years: keeps now + exptime below the year 9999
 _MAX_KID_DIGITS = 15
+_MAX_LEEWAY = 300  # seconds: more is no clock skew, it is a longer lifetime
+_MAX_REUSE_GRACE = 60  # seconds: tabs racing to refresh take less; more lets a thief in unseen
 _ROTATION_LABEL = b"jwtplus-rotation-v1:"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _HTTP_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
@@ -201,10 +201,6 @@ class AmbiguousTokenError(Exception):
 
 class StoreFullError(RuntimeError):
     """Raised by the memory store when it is full of unexpired entries: fail closed, never forget."""
-
-
-class WeakSecretWarning(UserWarning):
-    """Warned once per SecretManager whose secret is shorter than its hash output."""
 
 
 # ---- Durations ----
@@ -245,13 +241,13 @@ def parse_duration(value: Duration, *, name: str = "duration") -> float:
 # ---- Keys and rotation ----
 
 
-def _secret_bytes(secret: str | bytes) -> bytes:
-    """Encode the configured secret; an empty one becomes 32 random bytes."""
+def _secret_bytes(secret: str | bytes, size: int) -> bytes:
+    """Encode the configured secret; an empty one becomes *size* random bytes."""
     if isinstance(secret, str):
         secret = secret.encode("utf-8")
     if not isinstance(secret, bytes):
         raise TypeError(f"secret must be str or bytes, got {type(secret).__name__}")
-    return secret or secrets.token_bytes(32)
+    return secret or secrets.token_bytes(size)
 
 
 def _audience_set(audience: str | Sequence[str] | None) -> frozenset[str]:
@@ -275,13 +271,13 @@ class SecretManager:
     Frozen and validated at construction. Every process that must accept the
     others' tokens needs the same *secret*, *algorithm*, *refresh_interval* and
     *exptime*; across machines, give *leeway* a few seconds for clock skew.
-    An empty *secret* draws 32 random bytes, so tokens then die with the process.
+    An empty *secret* draws random bytes (as many as the hash), so tokens then die with the process.
 
     .. warning:: the algorithm comes from here, never from a token.
     """
 
     secret: str | bytes = field(default="", repr=False)
-    """The HMAC secret ("" draws a random one); warned about when shorter than the hash."""
+    """The HMAC secret ("" draws a random one); refused when shorter than the hash output."""
     refresh_interval: Duration = 0
     """Key rotation period (0: one key, the secret itself). Whole seconds. The seed's name."""
     scheme: str = "Bearer"
@@ -297,6 +293,8 @@ class SecretManager:
     """Required ``iss``; also stamped on new tokens."""
     leeway: Duration = 0
     """Clock skew tolerated on every time check."""
+    allow_weak_secret: bool = False
+    """Accept a secret shorter than the hash output: for tests and demos only."""
     rotation_seconds: int = field(init=False)
     """The key rotation period in seconds (0: no rotation)."""
     exptime_seconds: float = field(init=False)
@@ -322,23 +320,30 @@ class SecretManager:
             raise ValueError(f"exptime={self.exptime!r} must be positive: use {_DURATION_FORMS}")
         setattr_("rotation_seconds", int(rotation))
         setattr_("exptime_seconds", exptime)
-        setattr_("leeway_seconds", parse_duration(self.leeway, name="leeway"))
+        leeway = parse_duration(self.leeway, name="leeway")
+        if leeway >= min(_MAX_LEEWAY, exptime):
+            raise ValueError(
+                f"leeway={self.leeway!r} must be shorter than {_MAX_LEEWAY} seconds and than "
+                f"exptime={self.exptime!r}: it keeps expired tokens alive that long (a few seconds of "
+                "clock skew is what it is for)"
+            )
+        setattr_("leeway_seconds", leeway)
         setattr_("_audiences", _audience_set(self.audience))
         if self.issuer is not None and not isinstance(self.issuer, str):
             raise TypeError(f"issuer={self.issuer!r} must be a string or None")
-        key = _secret_bytes(self.secret)
+        wanted = hashlib.new(_HASHES[self.algorithm]).digest_size
+        key = _secret_bytes(self.secret, wanted)
         try:
             HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)  # PyJWT's own refusal of PEM and SSH keys
         except jwt.InvalidKeyError as exc:
             raise ValueError(f"secret is not usable as an HMAC key: {exc}") from None
         setattr_("_key", key)
-        wanted = hashlib.new(_HASHES[self.algorithm]).digest_size
-        if len(key) < wanted:
-            warnings.warn(
-                f"SecretManager: the secret is {len(key)} bytes; {self.algorithm} wants at least "
-                f"{wanted} (RFC 7518 section 3.2). Generate one with secrets.token_urlsafe({wanted}).",
-                WeakSecretWarning,
-                stacklevel=3,
+        if len(key) < wanted and not self.allow_weak_secret:
+            raise ValueError(
+                f"secret is {len(key)} bytes; {self.algorithm} needs at least {wanted} (RFC 7518 section "
+                f"3.2), or one token gives it away to a brute force. Make one with secrets.token_urlsafe"
+                f'({wanted}), or pass secret="" for a random one (tokens then die with the process); '
+                "allow_weak_secret=True accepts a short one, for tests and demos only"
             )
 
     def encode(self, payload: Mapping[str, Any], *, now: float | None = None) -> str:
@@ -495,6 +500,19 @@ def encode_token(manager: SecretManager, payload: Mapping[str, Any], *, now: flo
     for name in ("exp", "iat", "nbf"):
         if name in claims:
             claims[name] = _time_claim(claims[name], name)
+    for name in ("iss", "sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise ValueError(
+                f"payload[{name!r}]={claims[name]!r} must be a string (RFC 7519 section 4.1): "
+                "jwtplus, like every JWT library, refuses tokens where it is not"
+            )
+    aud = claims.get("aud")
+    if (
+        aud is not None
+        and not isinstance(aud, str)
+        and not (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
+    ):
+        raise ValueError(f"payload['aud']={aud!r} must be a string or a list of strings (RFC 7519 4.1.3)")
     key, kid = manager._key, None
     if manager.rotation_seconds:
         period = period_of(now, manager.rotation_seconds)
@@ -882,7 +900,6 @@ def _authenticator(
             return _verify(manager, token, now)[0]
 
     verify = decode
-    safe_checks = tuple(check for check in checks if not getattr(check, "unsafe_methods_only", False))
 
     async def judge(request: web.Request, now: float) -> AuthResult:
         try:
@@ -908,7 +925,7 @@ def _authenticator(
             return _INVALID
         if payload.get("type", "access") != token_type:
             return _INVALID  # a refresh token is never an access token, nor the reverse
-        for check in safe_checks if request.method in _SAFE_METHODS else checks:
+        for check in checks:
             try:
                 verdict = check(request, payload, now)
                 if verdict is not None and not isinstance(verdict, str):
@@ -1682,8 +1699,17 @@ def clear_login_cookies(response: web.StreamResponse, *, cookies: CookiePolicy =
         )
 
 
+def _origin_ok(request: web.Request, cookies: CookiePolicy) -> bool:
+    """Whether the ``Origin`` a browser sent, if any, is the request's own or a trusted one."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        # every browser sends Origin on a WebSocket handshake: one without it is no page of ours
+        return request.headers.get("Upgrade", "").lower() != "websocket"
+    return origin.partition("://")[2] == request.host or origin in cookies.trusted_origins
+
+
 def _csrf_ok(request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy) -> bool:
-    """Whether a request authenticated by cookie comes from the app itself.
+    """Whether an unsafe request authenticated by cookie comes from the app itself.
 
     It must echo the token's ``csrf`` claim in the CSRF header (compared in
     constant time), and where the browser says where it comes from
@@ -1692,9 +1718,7 @@ def _csrf_ok(request: web.Request, claims: Mapping[str, Any], cookies: CookiePol
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
         return False
-    origin = request.headers.get("Origin")
-    foreign = origin is not None and origin.partition("://")[2] != request.host
-    if foreign and origin not in cookies.trusted_origins:
+    if not _origin_ok(request, cookies):
         return False
     expected, given = claims.get("csrf"), request.headers.get(cookies.csrf_header)
     if not isinstance(expected, str) or not expected or given is None:
@@ -1703,9 +1727,11 @@ def _csrf_ok(request: web.Request, claims: Mapping[str, Any], cookies: CookiePol
 
 
 def csrf_check(cookies: CookiePolicy = DEFAULT_COOKIES, *, every_method: bool = False) -> Check:
-    """The check the cookie section contributes: an unsafe request whose token a browser attached by
-    itself (any source but a header, a query or a JSON body) must pass the double-submit and Origin
-    test of *cookies* (``"rejected"``, 403, otherwise). *every_method* tests safe methods too.
+    """The check the cookie section contributes, for tokens a browser attached by itself (any source
+    but a header, a query or a JSON body): whatever the method, an ``Origin`` must be the request's
+    own or in ``cookies.trusted_origins``, and a WebSocket handshake must carry one; an unsafe request
+    must also pass the double-submit test. Failing is ``"rejected"`` (403). *every_method* asks the
+    double-submit test of safe methods too.
 
     Every pipeline has one: without a CSRF check of your own, the default policy's runs first.
     """
@@ -1714,15 +1740,14 @@ def csrf_check(cookies: CookiePolicy = DEFAULT_COOKIES, *, every_method: bool = 
     exempt: frozenset[str] = frozenset() if every_method else _SAFE_METHODS
 
     def check_csrf(request: web.Request, claims: dict[str, Any], now: float) -> str | None:
-        if request.method in exempt or request.get(TOKEN_SOURCE) in _NOT_AMBIENT:
+        if request.get(TOKEN_SOURCE) in _NOT_AMBIENT:
             return None
-        if _csrf_ok(request, claims, cookies):
+        if _origin_ok(request, cookies) if request.method in exempt else _csrf_ok(request, claims, cookies):
             return None
         _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
         return "rejected"
 
     check_csrf.csrf_policy = cookies  # type: ignore[attr-defined]
-    check_csrf.unsafe_methods_only = not every_method  # type: ignore[attr-defined]
     return check_csrf
 
 
@@ -1776,9 +1801,21 @@ class Sessions:
                 f"refresh_exptime={self.refresh_exptime!r} is longer than the manager's exptime="
                 f"{self.manager.exptime!r}: with rotation on, no token outlives its period's window"
             )
+        if self.manager.leeway_seconds >= access:
+            raise ValueError(
+                f"access_exptime={self.access_exptime!r} must be longer than the manager's "
+                f"leeway={self.manager.leeway!r}, which keeps an expired access token alive that long"
+            )
+        grace = parse_duration(self.reuse_grace, name="reuse_grace")
+        if grace > _MAX_REUSE_GRACE or grace >= access:
+            raise ValueError(
+                f"reuse_grace={self.reuse_grace!r} must be at most {_MAX_REUSE_GRACE} seconds and shorter "
+                f"than access_exptime={self.access_exptime!r}: within it, a stolen refresh token is used "
+                "again without killing its family"
+            )
         object.__setattr__(self, "access_seconds", access)
         object.__setattr__(self, "refresh_seconds", refresh)
-        object.__setattr__(self, "grace_seconds", parse_duration(self.reuse_grace, name="reuse_grace"))
+        object.__setattr__(self, "grace_seconds", grace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2496,8 +2533,16 @@ class JWTHelper:
 
 
 def show_request_info(request: web.Request) -> None:
-    """Print a request's method, path and what jwtplus made of it (never its token nor its CSRF value)."""
+    """Print a request's method, path, auth status and who it is (the carry's ``username`` or ``sub``):
+    never a claim that could be a secret or a handle (a token, ``csrf``, ``jti``, ``fam``)."""
     status, carry = request.get(AUTH_STATUS), request.get(AUTH_CARRY)
-    if isinstance(carry, Mapping) and "csrf" in carry:
-        carry = {**carry, "csrf": "<hidden>"}
-    print(f"{request.method} {request.path} from {request.remote}: auth_status={status} auth_carry={carry!r}")
+    identity: Any = None
+    if isinstance(carry, Mapping):
+        identity = next(
+            (carry[name] for name in ("username", "sub") if isinstance(carry.get(name), str)), None
+        )
+    elif isinstance(carry, (str, int)) and not isinstance(carry, bool):
+        identity = carry
+    print(
+        f"{request.method} {request.path} from {request.remote}: auth_status={status} identity={identity!r}"
+    )

@@ -22,6 +22,7 @@ secret_manager = SecretManager(
     scheme="Bearer",  # default.
     algorithm="HS256",  # default.
     exptime="30d",  # default.
+    allow_weak_secret=True,  # 'testsecret' is the seed's demo secret, shorter than HS256's 32 bytes
 )
 
 url_exts = [

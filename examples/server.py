@@ -56,14 +56,15 @@ async def setattr_api(request: web.Request) -> web.Response:
     return web.Response(text="this is a protected api")
 
 
-# 'testsecret' is a demo secret: it is shorter than HS256's 32 bytes, so jwtplus warns
-# (WeakSecretWarning) once, here. In a real app use secrets.token_urlsafe(32), kept out of the code.
+# 'testsecret' is the seed's demo secret: shorter than HS256's 32 bytes, so jwtplus refuses it unless
+# told otherwise (allow_weak_secret). In a real app use secrets.token_urlsafe(32), kept out of the code.
 secret_manager = SecretManager(
     secret="testsecret",  # default empty, will generate a random string.
     refresh_interval="30d",  # default 0, represents secret auto refresh disabled. Accept string or int
     scheme="Bearer",  # default.
     algorithm="HS256",  # default.
     exptime="30d",  # default.
+    allow_weak_secret=True,  # the seed's demo secret: for this example only
 )
 
 jwt = JWTHelper(
