@@ -165,6 +165,10 @@ Identifier: TypeAlias = Callable[[dict[str, Any]], Any]
 Check: TypeAlias = Callable[[web.Request, dict[str, Any], float], "str | Awaitable[str | None] | None"]
 """A pipeline step after the token is verified: ``check(request, claims, now)`` returns None to pass,
 or the status that refuses the request ("invalid", "expired", "rejected" or "unavailable")."""
+ReloadClaims: TypeAlias = Callable[
+    [str, dict[str, Any]], "Mapping[str, Any] | Awaitable[Mapping[str, Any] | None] | None"
+]
+"""``reload_claims(subject, claims)`` of :class:`Sessions`: the claims a refreshed pair carries, or None."""
 _Patterns: TypeAlias = "Iterable[str | re.Pattern[str]]"
 _H = TypeVar("_H")
 
@@ -1352,6 +1356,7 @@ def _identifier(
     identifier: Identifier | None,
     checks: Iterable[Check],
     cache_size: int,
+    clock: Callable[[], float],
 ) -> tuple[Identify, TokenDecoder]:
     """Return ``identify(request, policy)``: run the pipeline (as the route's policy says), put the
     result on the request, and return its status, or the answer a guard on the route gives instead."""
@@ -1361,13 +1366,15 @@ def _identifier(
         raise TypeError(f"token_getter must be callable or None, got {token_getter!r}")
     if identifier is not None and not callable(identifier):
         raise TypeError(f"identifier must be callable or None, got {identifier!r}")
+    if not callable(clock):
+        raise TypeError(f"clock must be a function returning Unix seconds, such as time.time, got {clock!r}")
     identifier = identifier or basic_identifier
     checks = _checks(checks)
     cookies = _csrf_policy(checks) or DEFAULT_COOKIES
     decode = cached_decoder(manager, size=cache_size)
     judge = _authenticator(manager, token_getter, identifier, "access", checks, decode)
     judges: dict[tuple[tuple[str, ...] | None, str], Authenticator] = {(None, "access"): judge}
-    scheme, clock = manager.scheme, time.time
+    scheme = manager.scheme
 
     def judge_for(policy: RoutePolicy) -> Authenticator:
         key = (policy.locations, policy.token_type)
@@ -1468,6 +1475,7 @@ def authentication_middleware(
     identifier: Identifier | None = None,
     checks: Iterable[Check] = (),
     cache_size: int = 10_000,
+    clock: Callable[[], float] = time.time,
 ) -> Middleware:
     """Return the middleware that runs the pipeline on each request and stores the result.
 
@@ -1478,9 +1486,10 @@ def authentication_middleware(
     here); the default identifier is :func:`basic_identifier`. *checks* run after
     the signature and the token type, CSRF first (see :func:`authenticate`).
     Verified tokens are remembered in a :func:`cached_decoder` of *cache_size*
-    entries (0: none); ``middleware.cache_info()`` reports on it.
+    entries (0: none); ``middleware.cache_info()`` reports on it. *clock* tells the time (Unix
+    seconds) tokens are judged at: a test, or a server whose clock is known to be off, passes its own.
     """
-    identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size)
+    identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size, clock)
 
     @web.middleware
     async def jwt_authentication(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -1530,12 +1539,13 @@ def jwt_middleware(
     login_page_handler: Handler | None = None,
     app_page_handler: Handler | None = None,
     cache_size: int = 10_000,
+    clock: Callable[[], float] = time.time,
 ) -> Middleware:
     """Both middlewares in one: authenticate, then route; one layer fewer on every request.
 
     The arguments are those of :func:`authentication_middleware` and :func:`router_middleware`.
     """
-    identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size)
+    identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size, clock)
     route = _router(rules, login_page_handler, app_page_handler, manager.scheme)
 
     @web.middleware
@@ -1776,11 +1786,24 @@ class Sessions:
     its family (tabs racing to refresh); 0: every reuse is theft."""
     fail_open: bool = False
     """Accept tokens (logging a warning) when the store cannot be reached, instead of answering 503."""
+    login_lifetime: Duration = "90d"
+    """How long one login lasts however often it is refreshed (from its ``auth_time``): then the
+    password again. At least refresh_exptime."""
+    reload_claims: ReloadClaims | None = None
+    """``reload_claims(subject, claims)``, plain or async, runs at each refresh: it returns the claims
+    the new pair carries (re-read, so a demoted user loses the role), or None to end the login (its
+    family is revoked, 401). One that raises refuses the refresh with 503 and keeps the family."""
+    namespace: str | None = None
+    """Prefix of this app's entries in the store. None: derived from the manager's secret (without
+    revealing it), so apps with different secrets sharing one Redis never touch each other's
+    entries; "" is 1.0's layout."""
     access_seconds: float = field(init=False)
     """The access token lifetime in seconds."""
     refresh_seconds: float = field(init=False)
     """The refresh token lifetime in seconds."""
     grace_seconds: float = field(init=False)
+    login_seconds: float = field(init=False)
+    """The login lifetime in seconds."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.manager, SecretManager):
@@ -1813,9 +1836,27 @@ class Sessions:
                 f"than access_exptime={self.access_exptime!r}: within it, a stolen refresh token is used "
                 "again without killing its family"
             )
+        login = parse_duration(self.login_lifetime, name="login_lifetime")
+        if login < refresh:
+            raise ValueError(
+                f"login_lifetime={self.login_lifetime!r} must be at least refresh_exptime="
+                f"{self.refresh_exptime!r}: it bounds every refresh token of a login"
+            )
+        if self.reload_claims is not None and not callable(self.reload_claims):
+            raise TypeError(
+                f"reload_claims must be a function (subject, claims) or None, got {self.reload_claims!r}"
+            )
+        namespace = self.namespace
+        if namespace is None:
+            digest = hmac.new(self.manager._key, b"jwtplus-store-namespace-v1", hashlib.sha256).hexdigest()
+            namespace = digest[:16] + ":"
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace={namespace!r} must be a string or None (derived from the secret)")
+        object.__setattr__(self, "namespace", namespace)
         object.__setattr__(self, "access_seconds", access)
         object.__setattr__(self, "refresh_seconds", refresh)
         object.__setattr__(self, "grace_seconds", grace)
+        object.__setattr__(self, "login_seconds", login)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1828,36 +1869,73 @@ class TokenPair:
     csrf: str
 
 
-def issue_tokens(
+def _mint(
+    sessions: Sessions,
+    subject: str,
+    claims: Mapping[str, Any],
+    *,
+    family: str,
+    fresh: bool,
+    generation: float | None,
+    auth_time: int,
+    now: float,
+) -> TokenPair:
+    """Sign a pair for *subject*: both tokens end by the login's end (*auth_time* + login lifetime)."""
+    csrf = secrets.token_urlsafe(32)
+    base = {**claims, "sub": subject, "fam": family, "csrf": csrf, "auth_time": auth_time}
+    if generation is not None:
+        base["gen"] = generation
+    iat, end = int(now), auth_time + sessions.login_seconds
+    access = encode_token(
+        sessions.manager,
+        {**base, "type": "access", "fresh": fresh, "exp": min(iat + sessions.access_seconds, end)},
+        now=now,
+    )
+    refresh = encode_token(
+        sessions.manager,
+        {**base, "type": "refresh", "exp": min(iat + sessions.refresh_seconds, end)},
+        now=now,
+    )
+    return TokenPair(access, refresh, family, csrf)
+
+
+async def issue_tokens(
     sessions: Sessions,
     subject: str,
     claims: Mapping[str, Any] | None = None,
     *,
-    family: str | None = None,
-    fresh: bool = True,
     now: float | None = None,
 ) -> TokenPair:
-    """Mint an access and a refresh token for *subject* (``sub``) with *claims*, in *family* or a new one.
+    """Log *subject* in: mint an access and a refresh token (``sub``) with *claims*, in a new family.
 
-    *fresh* marks a token minted by a password login (not by a refresh), for
-    :func:`fresh_login_required`. Both tokens carry the same ``csrf`` claim.
+    The access token is *fresh* (minted by a password login, for
+    :func:`fresh_login_required`); both carry the same ``csrf`` claim, the
+    login's ``auth_time``, and the subject's logout generation, read from the
+    store (so a :func:`revoke_subject` that returned before never refuses
+    them). Raises ``web.HTTPServiceUnavailable`` when the store cannot be reached.
     """
     if not isinstance(subject, str) or not subject:
         raise ValueError(f"subject={subject!r} must be a non-empty string (it becomes the sub claim)")
     now = time.time() if now is None else now
-    family = family or secrets.token_urlsafe(16)
-    csrf = secrets.token_urlsafe(32)
-    base = {**(claims or {}), "sub": subject, "fam": family, "csrf": csrf}
-    iat = int(now)
-    access = encode_token(
-        sessions.manager,
-        {**base, "type": "access", "fresh": fresh, "exp": iat + sessions.access_seconds},
+    try:
+        (generation,) = await sessions.store.get_many([_store_key(sessions, "subject", subject)], now)
+    except Exception as exc:
+        if not sessions.fail_open:
+            _store_failed(exc, "login refused (503)")
+            raise _http_error(sessions.manager.scheme, "unavailable") from None
+        _store_failed(exc, "login goes on without the subject's generation (fail-open)")
+        generation = None
+    family = secrets.token_urlsafe(16)
+    return _mint(
+        sessions,
+        subject,
+        claims or {},
+        family=family,
+        fresh=True,
+        generation=generation,
+        auth_time=int(now),
         now=now,
     )
-    refresh = encode_token(
-        sessions.manager, {**base, "type": "refresh", "exp": iat + sessions.refresh_seconds}, now=now
-    )
-    return TokenPair(access, refresh, family, csrf)
 
 
 def set_session_cookies(
@@ -1898,7 +1976,7 @@ def set_session_cookies(
     )
 
 
-def start_session(
+async def start_session(
     response: web.StreamResponse,
     sessions: Sessions,
     subject: str,
@@ -1907,8 +1985,9 @@ def start_session(
     cookies: CookiePolicy = DEFAULT_COOKIES,
     now: float | None = None,
 ) -> TokenPair:
-    """After a password check: mint a fresh pair in a new family and set its cookies on *response*."""
-    pair = issue_tokens(sessions, subject, claims, now=now)
+    """After a password check: mint a fresh pair in a new family (:func:`issue_tokens`) and set its
+    cookies on *response*."""
+    pair = await issue_tokens(sessions, subject, claims, now=now)
     set_session_cookies(response, sessions, pair, cookies=cookies, now=now)
     return pair
 
@@ -1919,16 +1998,24 @@ def _text(claims: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _revocation_keys(claims: Mapping[str, Any]) -> list[str]:
-    """The store keys that can revoke a token: its own jti, its family, its subject's cutoff.
+def _store_key(sessions: Sessions, kind: str, value: str) -> str:
+    """The store key of one fact: ``<namespace><kind>:<value>``."""
+    return f"{sessions.namespace}{kind}:{value}"
+
+
+_REVOCATION_CLAIMS = (("revoked", "jti"), ("family", "fam"), ("subject", "sub"))
+
+
+def _revocation_keys(sessions: Sessions, claims: Mapping[str, Any]) -> list[str]:
+    """The store keys that can revoke a token: its own jti, its family, its subject's generation.
 
     A claim that is absent, empty or not a string has no key, so no two tokens share one by accident.
     """
     keys = []
-    for prefix, name in (("revoked:", "jti"), ("family:", "fam"), ("cutoff:", "sub")):
-        value = _text(claims, name)
-        if value is not None:
-            keys.append(prefix + value)
+    for kind, name in _REVOCATION_CLAIMS:
+        value = claims.get(name)
+        if value.__class__ is str and value:
+            keys.append(f"{sessions.namespace}{kind}:{value}")
     return keys
 
 
@@ -1938,22 +2025,21 @@ def _store_failed(exc: Exception, outcome: str) -> None:
 
 
 async def _is_revoked(sessions: Sessions, claims: Mapping[str, Any], now: float) -> bool:
-    """Whether the store revokes *claims*: by jti, by family, or by a cutoff at or after its ``iat``.
+    """Whether the store revokes *claims*: by jti, by family, or by a logout of its subject everywhere
+    since the token was issued (its ``gen`` is not the subject's generation).
 
     A token with no jti, family or subject has nothing to look up. Raises
     whatever the store raises when it cannot be reached.
     """
-    keys = _revocation_keys(claims)
+    keys = _revocation_keys(sessions, claims)
     if not keys:
         return False
     values = await sessions.store.get_many(keys, now)
+    subject_key = keys[-1] if _text(claims, "sub") is not None else None
     for key, value in zip(keys, values, strict=True):
         if value is None:
             continue
-        if not key.startswith("cutoff:"):
-            return True
-        iat = claims.get("iat")
-        if not isinstance(iat, (int, float)) or iat <= value:
+        if key is not subject_key or claims.get("gen") != value:
             return True
     return False
 
@@ -2015,8 +2101,17 @@ async def refresh_session(
     family, jti, subject = _text(claims, "fam"), _text(claims, "jti"), _text(claims, "sub")
     if family is None or jti is None or subject is None:
         raise _http_error(scheme, "invalid")
+    auth_time = claims.get("auth_time", claims.get("iat"))  # 1.0's tokens have no auth_time
+    if (
+        not isinstance(auth_time, int)
+        or isinstance(auth_time, bool)
+        or now >= auth_time + sessions.login_seconds
+    ):
+        raise _http_error(scheme, "invalid")  # the login is over: the password again
+    kept = await _reloaded(sessions, claims, subject, family, now)
     try:
-        used_at = await sessions.store.consume(f"used:{jti}", now, _outlives(sessions, claims["exp"]), now)
+        key = _store_key(sessions, "used", jti)
+        used_at = await sessions.store.consume(key, now, _outlives(sessions, claims["exp"]), now)
         if used_at is not None:
             if now - used_at > sessions.grace_seconds:
                 _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
@@ -2027,12 +2122,53 @@ async def refresh_session(
     except Exception as exc:
         _store_failed(exc, "refresh refused (503)")
         raise _http_error(scheme, "unavailable") from None
+    generation = claims.get("gen")
+    return _mint(
+        sessions,
+        subject,
+        kept,
+        family=family,
+        fresh=False,
+        generation=generation if isinstance(generation, (int, float)) else None,
+        auth_time=auth_time,
+        now=now,
+    )
+
+
+async def _reloaded(
+    sessions: Sessions, claims: Mapping[str, Any], subject: str, family: str, now: float
+) -> dict[str, Any]:
+    """The claims a refreshed pair carries: the refresh token's own, or what ``reload_claims`` says.
+
+    It runs before the refresh token is used up, so a refusal here leaves the
+    token as it was (a retry is no reuse). None ends the login: 401, family revoked.
+    """
     kept = {k: v for k, v in claims.items() if k not in _REGISTERED_CLAIMS}
-    return issue_tokens(sessions, subject, kept, family=family, fresh=False, now=now)
+    if sessions.reload_claims is None:
+        return kept
+    scheme = sessions.manager.scheme
+    try:
+        reloaded = await _maybe_await(sessions.reload_claims(subject, kept))
+        if reloaded is None:
+            _log.info("jwtplus: reload_claims ended a login; its family is revoked")
+            await revoke_family(sessions, family, now=now)
+            raise _http_error(scheme, "invalid")
+    except web.HTTPException:
+        raise
+    except Exception:
+        _log.warning("jwtplus: reload_claims or the store raised; refresh refused (503)", exc_info=True)
+        raise _http_error(scheme, "unavailable") from None
+    if not isinstance(reloaded, Mapping):
+        _log.warning(
+            "jwtplus: reload_claims returned a %s, not claims or None; refresh refused (503)",
+            type(reloaded).__name__,
+        )
+        raise _http_error(scheme, "unavailable")
+    return {k: v for k, v in reloaded.items() if k not in _REGISTERED_CLAIMS}
 
 
 _REGISTERED_CLAIMS = frozenset(
-    {"iat", "exp", "nbf", "jti", "iss", "aud", "sub", "fam", "csrf", "type", "fresh"}
+    {"iat", "exp", "nbf", "jti", "iss", "aud", "sub", "fam", "csrf", "type", "fresh", "auth_time", "gen"}
 )
 
 
@@ -2048,7 +2184,9 @@ async def revoke_token(sessions: Sessions, claims: Mapping[str, Any], *, now: fl
     if jti is None:
         raise ValueError("the token has no jti to revoke it by: use revoke_family or revoke_subject")
     now = time.time() if now is None else now
-    await sessions.store.put(f"revoked:{jti}", now, _outlives(sessions, claims["exp"]), now)
+    await sessions.store.put(
+        _store_key(sessions, "revoked", jti), now, _outlives(sessions, claims["exp"]), now
+    )
 
 
 async def revoke_family(sessions: Sessions, family: str, *, now: float | None = None) -> None:
@@ -2056,18 +2194,24 @@ async def revoke_family(sessions: Sessions, family: str, *, now: float | None = 
     if not isinstance(family, str) or not family:
         raise ValueError(f"family={family!r} must be a non-empty string (a token's fam claim)")
     now = time.time() if now is None else now
-    await sessions.store.put(
-        f"family:{family}", now, _outlives(sessions, now + sessions.refresh_seconds), now
-    )
+    until = _outlives(sessions, now + sessions.manager.leeway_seconds + sessions.refresh_seconds)
+    await sessions.store.put(_store_key(sessions, "family", family), now, until, now)
 
 
 async def revoke_subject(sessions: Sessions, subject: str, *, now: float | None = None) -> None:
-    """Log *subject* out everywhere: tokens issued up to this second are refused from now on."""
+    """Log *subject* out everywhere: every token issued before this returns is refused from now on,
+    on every server, whatever its clock; logins after it are not.
+
+    It gives the subject a new random generation in the store; tokens carry the
+    generation they were issued in (:func:`issue_tokens` reads it), so the
+    comparison needs no clock. The entry lives as long as any older token can.
+    """
     if not isinstance(subject, str) or not subject:
         raise ValueError(f"subject={subject!r} must be a non-empty string (a token's sub claim)")
     now = time.time() if now is None else now
-    until = _outlives(sessions, now + sessions.refresh_seconds)
-    await sessions.store.put(f"cutoff:{subject}", float(int(now)), until, now)
+    until = _outlives(sessions, now + sessions.manager.leeway_seconds + sessions.refresh_seconds)
+    generation = float(secrets.randbits(52))  # a float is what a store keeps, exactly
+    await sessions.store.put(_store_key(sessions, "subject", subject), generation, until, now)
 
 
 async def end_session(
@@ -2159,9 +2303,10 @@ class RevocationStore:
 def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
     """A store in this process's memory: for one process, and for tests.
 
-    Entries are dropped when they expire; when *max_entries* unexpired ones
-    fill it, writes raise :class:`StoreFullError` (a refresh or logout then
-    answers 503) rather than forget a revocation.
+    Entries are dropped when they expire, and its memory is bounded by
+    *max_entries* whatever the calls; when *max_entries* unexpired ones fill
+    it, writes raise :class:`StoreFullError` (a refresh or logout then answers
+    503) rather than forget a revocation.
 
     >>> memory_store(max_entries=10)
     RevocationStore(kind='memory', entries=0, max_entries=10)
@@ -2183,6 +2328,9 @@ def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
             raise StoreFullError(f"the memory store holds {max_entries} unexpired entries")
         entries[key] = (value, until)
         heapq.heappush(expiries, (until, key))
+        if len(expiries) > 2 * max_entries:  # rewrites of one key left stale items: keep the live ones
+            expiries[:] = [(until, key) for key, (_, until) in entries.items()]
+            heapq.heapify(expiries)
 
     def live(key: str, now: float) -> float | None:
         entry = entries.get(key)
@@ -2445,6 +2593,8 @@ class JWTHelper:
     """Checks of your own, run after CSRF and revocation (see :func:`authenticate`)."""
     cache_size: int = 10_000
     """How many verified tokens to remember (see :func:`cached_decoder`); 0: none."""
+    clock: Callable[[], float] = time.time
+    """What time it is, in Unix seconds (see :func:`authentication_middleware`)."""
     manager: SecretManager = field(init=False, repr=False)
     """The secret manager in use (the given one, or a new one)."""
     rules: RoutingRules = field(init=False, repr=False)
@@ -2459,6 +2609,7 @@ class JWTHelper:
             "authorized_return_page_handler",
             "token_getter",
             "identifier",
+            "clock",
         ):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -2507,6 +2658,7 @@ class JWTHelper:
             identifier=self.identifier,
             checks=self.all_checks,
             cache_size=self.cache_size,
+            clock=self.clock,
         )
 
     def post_jwt_router(self) -> Middleware:
@@ -2529,6 +2681,7 @@ class JWTHelper:
             login_page_handler=self.unauthorized_return_route_handler,
             app_page_handler=self.authorized_return_page_handler,
             cache_size=self.cache_size,
+            clock=self.clock,
         )
 
 

@@ -1,13 +1,16 @@
 """A small real SPA behind jwtplus: log in with a form, see who you are, call protected APIs, log out.
 
     python examples/spa_demo.py --host 127.0.0.1 --port 8080    # or: make demo
+    python examples/spa_demo.py --certfile cert.pem --keyfile key.pem    # https and wss
 
 The browser never sees a token: the short access token and the long refresh token
 live in HttpOnly cookies. Unsafe requests echo the script-readable CSRF cookie in
 the X-CSRF-Token header. When the access token expires, the page renews it
 silently with the refresh token; logging out revokes the whole login family. The
 routing table is the seed's: logged out, /index.html shows the login page; logged
-in, /login.html shows the app; unknown paths fall back to one or the other.
+in, /login.html shows the app; unknown paths fall back to one or the other. The
+WebSocket at /api/socket is authenticated by the same cookie: it greets the user
+with {"username": ..., "role": ...} and then echoes what it is sent.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import json
 import logging
 import secrets
+import ssl
 from pathlib import Path
 
 from aiohttp import web
@@ -84,7 +87,9 @@ def make_app(
     async def api_login(request: web.Request) -> web.Response:
         try:
             body = await request.json()
-        except json.JSONDecodeError:
+        # ValueError: not JSON (JSONDecodeError) or not in its charset (UnicodeDecodeError);
+        # LookupError: a charset Python does not know; RecursionError: nested too deep ("[" * 100_000).
+        except (ValueError, LookupError, RecursionError):
             raise web.HTTPBadRequest(text="send JSON") from None
         username, password = (
             body.get(k) if isinstance(body, dict) else None for k in ("username", "password")
@@ -95,7 +100,7 @@ def make_app(
             return web.json_response({"error": "wrong username or password"}, status=401)
         response = web.json_response({"username": username})
         claims = {"username": username, "role": DEMO_USERS[username][1]}
-        jwtplus.start_session(response, sessions, username, claims, cookies=cookies)
+        await jwtplus.start_session(response, sessions, username, claims, cookies=cookies)
         return response
 
     @routes.post("/api/refresh")
@@ -110,6 +115,17 @@ def make_app(
     async def api_me(request: web.Request) -> web.Response:
         claims = request[jwtplus.AUTH_CARRY]
         return web.json_response({"username": claims["username"], "role": claims["role"]})
+
+    @routes.get("/api/socket")
+    async def api_socket(request: web.Request) -> web.WebSocketResponse:
+        claims = request[jwtplus.AUTH_CARRY]
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.send_json({"username": claims["username"], "role": claims["role"]})
+        async for message in socket:
+            if message.type == web.WSMsgType.TEXT:
+                await socket.send_str(message.data)
+        return socket
 
     @routes.post("/api/setattr")
     async def api_setattr(request: web.Request) -> web.Response:
@@ -146,17 +162,25 @@ def main() -> None:
     parser.add_argument(
         "--access-exptime", default="15m", help="access token lifetime, e.g. 30s to watch renewals"
     )
+    parser.add_argument("--certfile", help="PEM certificate chain: serve https (and wss) instead of http")
+    parser.add_argument("--keyfile", help="PEM private key of --certfile")
     args = parser.parse_args()
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
+    tls = None
+    if args.certfile:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.certfile, args.keyfile)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the access log, and jwtplus's refusals
     # The demo serves plain http on 127.0.0.1, which browsers treat as a secure context, so the
     # strict defaults (Secure, __Host- names) work as they would behind https in production.
     cookies = jwtplus.CookiePolicy()
-    url = f"http://{args.host}:{args.port}"
+    url = f"{'https' if tls else 'http'}://{args.host}:{args.port}"
     print(f"jwtplus SPA demo on {url}/index.html - log in as", flush=True)
     for name, (password, role) in DEMO_USERS.items():
         print(f"    username: {name:<6} password: {password:<14} ({role})", flush=True)
     app = make_app(cookies, access_exptime=args.access_exptime)
-    web.run_app(app, host=args.host, port=args.port, print=None)
+    web.run_app(app, host=args.host, port=args.port, ssl_context=tls, print=None)
 
 
 if __name__ == "__main__":
