@@ -2736,6 +2736,107 @@ async def test_trusted_origins_may_send_unsafe_requests(make_client: Any) -> Non
     ).status == 403
 
 
+# -- Origin on every cookie-borne request, and on every WebSocket handshake --
+
+FORBIDDEN = b'{"error":"forbidden"}'
+
+
+def socket_app(sm: SecretManager, ran: list[str], **helper_args: Any) -> web.Application:
+    """cookie_app with a WebSocket at /api/socket that greets with who it is and where the token came from."""
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ran.append("socket")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json(
+            {"username": request[jwtplus.AUTH_CARRY]["username"], "source": request[jwtplus.TOKEN_SOURCE]}
+        )
+        await ws.close()
+        return ws
+
+    app = cookie_app(sm, ran, **helper_args)
+    app.router.add_get("/api/socket", socket)
+    return app
+
+
+def foreign_origins(host: str, port: int) -> list[str]:
+    """Origins that are not the test server's own http://host:port."""
+    return [
+        "https://evil.example",
+        f"http://{host}:{port + 1}",  # another port is another origin
+        f"http://{host}",  # and so is the default one
+        f"http://evil.{host}:{port}",  # a subdomain, however close
+        f"http://{host}:{port}.evil.example",
+        "null",  # sandboxed frames, data: URLs, file: pages
+    ]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+async def test_a_cookie_request_from_a_foreign_origin_is_refused_whatever_the_method(
+    make_client: Any, method: str
+) -> None:
+    sm, ran = manager(), []
+    policy = jwtplus.CookiePolicy(trusted_origins=("https://app.example",))
+    client = await make_client(app=cookie_app(sm, ran, cookies=policy))
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=policy)
+    good = {**cookie_header(token), "X-CSRF-Token": sm.decode(token)["csrf"]}  # passes the double-submit
+    for origin in foreign_origins(client.host, client.port):
+        response = await client.request(method, "/api/thing", headers={**good, "Origin": origin})
+        assert response.status == 403, origin
+        assert response.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
+        assert await response.read() == (b"" if method == "HEAD" else FORBIDDEN)
+    assert ran == []
+    own = f"http://{client.host}:{client.port}"
+    for headers in ({**good, "Origin": own}, {**good, "Origin": "https://app.example"}):
+        assert (await client.request(method, "/api/thing", headers=headers)).status == 200, headers
+    assert ran == [method, method]
+
+
+async def test_a_cookie_get_without_origin_still_passes(make_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=cookie_app(sm, ran))
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"})
+    response = await client.get("/api/thing", headers=cookie_header(token))  # a top-level navigation
+    assert response.status == 200
+    assert await response.json() == {"source": "cookie", "status": "pass"}
+    assert ran == ["GET"]
+
+
+async def test_a_websocket_handshake_with_the_cookie_needs_an_acceptable_origin(make_client: Any) -> None:
+    sm, ran = manager(), []
+    policy = jwtplus.CookiePolicy(trusted_origins=("https://app.example",))
+    client = await make_client(app=socket_app(sm, ran, cookies=policy))
+    cookie = cookie_header(jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=policy))
+
+    # No Origin: every browser sends one on a handshake, so this is no page of the app's.
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/api/socket", headers=cookie)
+    assert refused.value.status == 403
+    for origin in foreign_origins(client.host, client.port):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect("/api/socket", headers=cookie, origin=origin)
+        assert refused.value.status == 403, origin
+    assert ran == []
+
+    for origin in (f"http://{client.host}:{client.port}", "https://app.example"):  # its own, a trusted one
+        async with client.ws_connect("/api/socket", headers=cookie, origin=origin) as ws:
+            assert await ws.receive_json() == {"username": "ann", "source": "cookie"}
+    assert ran == ["socket", "socket"]
+
+
+async def test_a_websocket_handshake_with_a_header_token_needs_no_origin(make_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await make_client(app=socket_app(sm, ran))
+    token = sm.encode({"username": "ann"})
+    for origin in (None, "https://evil.example"):  # a page cannot make a browser attach the header
+        async with client.ws_connect("/api/socket", headers=bearer(token), origin=origin) as ws:
+            assert await ws.receive_json() == {"username": "ann", "source": "header"}
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/api/socket", origin=f"http://{client.host}:{client.port}")
+    assert refused.value.status == 401  # no token at all
+    assert ran == ["socket", "socket"]
+
+
 async def test_a_cookie_token_without_a_csrf_claim_cannot_make_unsafe_requests(make_client: Any) -> None:
     sm, ran = manager(), []
     client = await make_client(app=cookie_app(sm, ran))
@@ -4851,6 +4952,35 @@ async def test_modify_identifier_passes_admin_only_and_never_500s(spawn: Spawn) 
     assert "Warning" not in stderr, stderr
 
 
+async def post_raw(url: str, body: bytes, content_type: str) -> tuple[int, str]:
+    async with (
+        ClientSession(timeout=HTTP_TIMEOUT) as session,
+        session.post(url, data=body, headers={"Content-Type": content_type}) as response,
+    ):
+        return response.status, await response.text()
+
+
+async def test_the_spa_demo_login_answers_400_to_what_is_not_a_json_object(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    json_type = "application/json"
+    bodies = [
+        (b"[" * 100_000, json_type, "send JSON"),  # json.loads: RecursionError
+        (b'{"username": "jacky\xff", "password": "x"}', json_type, "send JSON"),  # UnicodeDecodeError
+        (b"{}", "application/json; charset=no-such-charset", "send JSON"),  # LookupError
+        (b"username=jacky&password=jwtplus-demo", json_type, "send JSON"),  # JSONDecodeError
+        (b"", json_type, "send JSON"),
+        (b'["jacky", "jwtplus-demo"]', json_type, "username and password are required"),
+        (b'"jacky"', json_type, "username and password are required"),
+        (b'{"username": "jacky", "password": 1}', json_type, "username and password are required"),
+    ]
+    for body, content_type, text in bodies:
+        assert await post_raw(f"{demo.url}/api/login", body, content_type) == (400, text), body[:40]
+    good = b'{"username": "jacky", "password": "jwtplus-demo"}'
+    assert await post_raw(f"{demo.url}/api/login", good, json_type) == (200, '{"username": "jacky"}')
+    assert "Traceback" not in demo.stderr()
+    assert "Error handling request" not in demo.stderr()
+
+
 # -- Two real servers, one secret, rotating keys --
 
 ROTATION_SERVER = '''\
@@ -5101,6 +5231,160 @@ async def test_the_spa_demo_in_a_real_browser(spawn: Spawn, tmp_path: Path) -> N
             await page.wait_for_function("document.getElementById('user').textContent === 'admin'")
             await page.click("#admin-action")
             await page.wait_for_function("document.getElementById('result').textContent.startsWith('200')")
+        finally:
+            await browser.close()
+
+
+# -- A real browser: a sibling subdomain's page opens the app's WebSocket --
+#
+# The app is https://app.jwtplus.test, the attacker https://evil.jwtplus.test: another origin but the
+# same site, so the SameSite=Lax token cookie goes along with the attacker's handshake. Chromium
+# resolves both names to 127.0.0.1 (--host-resolver-rules) and accepts the test's self-signed
+# certificate (ignore_https_errors, which covers wss too).
+
+OPENSSL = shutil.which("openssl")
+APP_HOST, EVIL_HOST = "app.jwtplus.test", "evil.jwtplus.test"
+TLS_CHROMIUM_ARGS = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP *.jwtplus.test 127.0.0.1"]
+
+TLS_PAGE_SERVER = """
+import argparse
+import ssl
+from pathlib import Path
+from aiohttp import web
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--host")
+parser.add_argument("--port", type=int)
+parser.add_argument("--page")
+parser.add_argument("--certfile")
+parser.add_argument("--keyfile")
+args = parser.parse_args()
+PAGE = Path(args.page).read_bytes()
+tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+tls.load_cert_chain(args.certfile, args.keyfile)
+
+async def page(request):
+    return web.Response(body=PAGE, content_type="text/html")
+
+app = web.Application()
+app.router.add_get("/", page)
+web.run_app(app, host=args.host, port=args.port, ssl_context=tls, print=None)
+"""
+
+# Open a WebSocket, close it after its first message, and resolve to what happened, in order.
+LISTEN = """(url) => new Promise((resolve) => {
+  const events = [];
+  const socket = new WebSocket(url);
+  socket.onopen = () => events.push("open");
+  socket.onmessage = (event) => { events.push(event.data); socket.close(1000); };
+  socket.onerror = () => events.push("error");
+  socket.onclose = (event) => { events.push("close " + event.code); resolve(events); };
+})"""
+
+
+async def self_signed_certificate(directory: Path, *names: str) -> tuple[Path, Path]:
+    """A one-day self-signed certificate for *names*, and its key: (certfile, keyfile)."""
+    assert OPENSSL is not None
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        OPENSSL,
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        f"/CN={names[0]}",
+        "-addext",
+        "subjectAltName=" + ",".join(f"DNS:{name}" for name in names),
+        "-keyout",
+        str(keyfile),
+        "-out",
+        str(certfile),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode == 0, output.decode(errors="replace")
+    return certfile, keyfile
+
+
+def https_url(server: Server, host: str) -> str:
+    """The https URL of *server* (listening on 127.0.0.1) under the name *host*."""
+    return f"https://{host}:{yarl.URL(server.url).port}"
+
+
+async def socket_statuses(demo: Server, count: int) -> list[str]:
+    """The statuses of the demo's access log for GET /api/socket, once there are *count* (or 5s on)."""
+    pattern = re.compile(r'"GET /api/socket HTTP/1\.1" (\d{3}) ')
+    for _ in range(100):
+        statuses: list[str] = pattern.findall(demo.stderr())
+        if len(statuses) >= count:
+            return statuses
+        await asyncio.sleep(0.05)
+    return statuses
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)"
+)
+@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command (apt-get install openssl)")
+async def test_a_sibling_subdomain_cannot_open_the_apps_websocket_in_a_real_browser(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright (the test extra)")
+
+    certfile, keyfile = await self_signed_certificate(tmp_path, APP_HOST, EVIL_HOST)
+    tls = ("--certfile", str(certfile), "--keyfile", str(keyfile))
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py", *tls)
+    app_url = https_url(demo, APP_HOST)
+    socket_url = app_url.replace("https://", "wss://") + "/api/socket"
+    evil_page = tmp_path / "evil.html"
+    evil_page.write_text(f"<!doctype html><title>evil</title><script>const listen = {LISTEN};</script>")
+    server_script = tmp_path / "tls_page_server.py"
+    server_script.write_text(TLS_PAGE_SERVER)
+    attacker = await spawn("attacker", server_script, "--page", str(evil_page), *tls)
+    greeting = '{"username": "jacky", "role": "user"}'
+
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=TLS_CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+
+            # Log in through the form, over https on the app's name.
+            await page.goto(f"{app_url}/index.html")
+            await page.fill("#username", "jacky")
+            await page.fill("#password", "jwtplus-demo")
+            async with page.expect_navigation():
+                await page.click("button[type=submit]")
+            await page.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+            cookie = {c["name"]: c for c in await context.cookies()}["__Host-access_token"]
+            assert (cookie["domain"], cookie["secure"], cookie["sameSite"]) == (APP_HOST, True, "Lax")
+
+            # The app's own page opens the socket and is greeted.
+            events = await page.evaluate(LISTEN, socket_url)
+            assert events == ["open", greeting, "close 1000"], events
+            assert await socket_statuses(demo, 1) == ["101"]
+
+            # The sibling subdomain's page opens the same URL: the handshake is refused, nothing arrives.
+            evil = await context.new_page()
+            await evil.goto(https_url(attacker, EVIL_HOST) + "/")
+            events = await evil.evaluate("(url) => listen(url)", socket_url)
+            assert events == ["error", "close 1006"], f"the attacker's page got {events}"
+            # 403, not 401: the cookie went along (a handshake without it is the 401 below).
+            assert await socket_statuses(demo, 2) == ["101", "403"]
+
+            # Without the cookie the same handshake from the app's own page is a 401.
+            await context.clear_cookies()
+            events = await page.evaluate(LISTEN, socket_url)
+            assert events == ["error", "close 1006"], events
+            assert await socket_statuses(demo, 3) == ["101", "403", "401"]
         finally:
             await browser.close()
 
