@@ -46,6 +46,7 @@ import hashlib
 import heapq
 import hmac
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -61,6 +62,7 @@ from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, cast
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_urldispatcher import PrefixedSubAppResource
 from jwt.algorithms import HMACAlgorithm
 
 __version__ = "1.1.0"
@@ -140,6 +142,7 @@ __all__ = (
     "RevocationStore",
     "memory_store",
     "redis_store",
+    "MAX_STORE_TIMEOUT",
     # guards and route options
     "fresh_login_required",
     "login_required",
@@ -710,6 +713,23 @@ def _not_installed() -> RuntimeError:
         "jwtplus middleware is not installed: add jwtplus.jwt_middleware(...) to the app's middlewares, "
         "or JWTHelper.pre_jwt_identifier() before post_jwt_router(), or call jwtplus.setup(app, helper)"
     )
+
+
+_TWICE = (
+    "jwtplus: two jwtplus authentication middlewares judged one request (setup() or the middlewares on an "
+    "app and on its sub-application?): the request is refused; install jwtplus once, on the outermost app"
+)
+_UNROUTED = (
+    "jwtplus: JWTHelper.pre_jwt_identifier() runs without post_jwt_router() after it, so its whitelist and "
+    "protected_apis would not apply: every request is refused; add helper.post_jwt_router() after it in the "
+    "app's middlewares, or call jwtplus.setup(app, helper) instead of both"
+)
+
+
+def _misconfigured(message: str) -> web.Response:
+    """The answer of a wiring that would let requests through unjudged: 500, and the reason in the log."""
+    _log.error(message)
+    return web.json_response({"error": "server misconfigured"}, status=500)
 
 
 def get_auth_status(request: web.Request) -> AuthStatus:
@@ -1390,11 +1410,13 @@ def _identifier(
         return found
 
     async def identify(request: web.Request, policy: RoutePolicy | None) -> AuthStatus | web.Response:
-        run = judge if policy is None else judge_for(policy)
-        status, carry, claims = await run(request, clock())
         # the request's own storage: request[...] = ... costs a Python call per key on every request,
         # and warns once per string key (the seed's two)
         state = request._state
+        if "auth_status" in state:
+            return _misconfigured(_TWICE)
+        run = judge if policy is None else judge_for(policy)
+        status, carry, claims = await run(request, clock())
         state[AUTH_STATUS] = status
         state[AUTH_CARRY] = carry
         state[AUTH_CLAIMS] = claims
@@ -1430,6 +1452,8 @@ def _router(
     ):
         raise ValueError("rules.login_page and rules.app_page must say whether each page handler is given")
 
+    hinted: set[str] = set()  # the sub-application prefixes already warned about
+
     @functools.lru_cache(maxsize=4096)
     def decided(
         path: str, method: str, found: bool, status: AuthStatus, preflight: bool, optional: bool
@@ -1453,6 +1477,8 @@ def _router(
         )
         if action is Action.HANDLER:
             return None
+        if len(request.match_info.apps) > 1:
+            _hint_relative_patterns(request, decided, status, hinted)
         if action is Action.LOGIN_PAGE and login_page_handler is not None:
             return login_page_handler
         if action is Action.APP_PAGE and app_page_handler is not None:
@@ -1462,10 +1488,57 @@ def _router(
     return route
 
 
+def _mount_prefixes(apps: tuple[web.Application, ...]) -> list[str]:
+    """The path prefixes the sub-applications among *apps* are mounted at, outermost first."""
+    prefixes = []
+    for parent, child in itertools.pairwise(apps):
+        for resource in parent.router.resources():
+            if isinstance(resource, PrefixedSubAppResource) and resource._app is child:
+                prefixes.append(resource.canonical)
+    return prefixes
+
+
+def _hint_relative_patterns(
+    request: web.Request, decided: Callable[..., Action], status: AuthStatus, hinted: set[str]
+) -> None:
+    """Say once per prefix when a refused request in a sub-application would have been let through had
+    the whitelist been written relative to it: patterns match the full path, prefix included."""
+    path = request.rel_url.path_safe
+    for prefix in _mount_prefixes(request.match_info.apps):
+        inner = path[len(prefix) :] if path.startswith(prefix) else None
+        if prefix in hinted or not inner or not inner.startswith("/"):
+            continue
+        if decided(inner, request.method, True, status, False, False) is Action.HANDLER:
+            hinted.add(prefix)
+            _log.warning(
+                "jwtplus: %s %s was refused, but %s, its path within the sub-application mounted at %s, is "
+                "whitelisted: patterns match the full path, so write them with the prefix (%s%s)",
+                request.method,
+                path,
+                inner,
+                prefix,
+                prefix,
+                inner,
+            )
+
+
 def _with_cache_info(middleware: Middleware, decode: TokenDecoder) -> Middleware:
     """Let ``middleware.cache_info()`` report on its verified-token cache."""
     middleware.cache_info = decode.cache_info  # type: ignore[attr-defined]
     return middleware
+
+
+def _kind(middleware: Middleware, kind: str) -> Middleware:
+    """Mark *middleware* as jwtplus's, so that :func:`setup` and the helper's pair can find it."""
+    middleware.jwtplus_kind = kind  # type: ignore[attr-defined]
+    return middleware
+
+
+def _has_router(apps: tuple[web.Application, ...]) -> bool:
+    """Whether a jwtplus router runs on requests through *apps* (an app and the sub-apps it mounts)."""
+    return any(
+        getattr(m, "jwtplus_kind", None) in ("router", "both") for app in apps for m in app.middlewares
+    )
 
 
 def authentication_middleware(
@@ -1489,16 +1562,39 @@ def authentication_middleware(
     entries (0: none); ``middleware.cache_info()`` reports on it. *clock* tells the time (Unix
     seconds) tokens are judged at: a test, or a server whose clock is known to be off, passes its own.
     """
+    return _authentication(manager, token_getter, identifier, checks, cache_size, clock, needs_router=False)
+
+
+def _authentication(
+    manager: SecretManager,
+    token_getter: TokenGetter | None,
+    identifier: Identifier | None,
+    checks: Iterable[Check],
+    cache_size: int,
+    clock: Callable[[], float],
+    *,
+    needs_router: bool,
+) -> Middleware:
+    """:func:`authentication_middleware`; *needs_router* refuses every request (500, logged) where no jwtplus
+    router runs after it, as the helper's first middleware does: its routing table would not apply."""
     identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size, clock)
+    routed: dict[tuple[web.Application, ...], bool] = {}
 
     @web.middleware
     async def jwt_authentication(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if needs_router:
+            apps = request.match_info.apps
+            found = routed.get(apps)
+            if found is None:
+                found = routed[apps] = _has_router(apps)
+            if not found:
+                return _misconfigured(_UNROUTED)
         verdict = await identify(request, policy_of(request))
         if verdict.__class__ is not str:
             return cast(web.Response, verdict)
         return await handler(request)
 
-    return _with_cache_info(jwt_authentication, decode)
+    return _with_cache_info(_kind(jwt_authentication, "authentication"), decode)
 
 
 def router_middleware(
@@ -1526,7 +1622,7 @@ def router_middleware(
             return await handler(request)
         return target if isinstance(target, web.StreamResponse) else await target(request)
 
-    return jwt_router
+    return _kind(jwt_router, "router")
 
 
 def jwt_middleware(
@@ -1559,7 +1655,7 @@ def jwt_middleware(
             return await handler(request)
         return target if isinstance(target, web.StreamResponse) else await target(request)
 
-    return _with_cache_info(jwt_auth, decode)
+    return _with_cache_info(_kind(jwt_auth, "both"), decode)
 
 
 # ==== Part II: browsers and sessions ====
@@ -2354,6 +2450,37 @@ def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
     return RevocationStore(put, get_many, consume, info)
 
 
+MAX_STORE_TIMEOUT = 5.0
+"""The longest socket timeout :func:`redis_store` accepts, in seconds: a request waits at most one."""
+
+
+def _bounded_client(client: Any) -> None:
+    """Refuse a redis-py client that could stall a request: no timeout, a long one, or retries.
+
+    Clients that are not redis-py's (no ``connection_pool.connection_kwargs``) are their own business.
+    """
+    settings = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(settings, dict):
+        return
+    forms = (
+        "build it with redis.asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1), "
+        "or Redis(..., socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))"
+    )
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        value = settings.get(name)
+        if not isinstance(value, (int, float)) or not 0 < value <= MAX_STORE_TIMEOUT:
+            raise ValueError(
+                f"redis_store: the client's {name}={value!r} lets a hung Redis stall requests "
+                f"(it must be a number of seconds up to {MAX_STORE_TIMEOUT:g}): {forms}"
+            )
+    retries = getattr(settings.get("retry"), "_retries", 0)
+    if retries:
+        raise ValueError(
+            f"redis_store: the client's retry makes {retries} more attempts, with backoff, so a hung Redis "
+            f"stalls a request for many timeouts: {forms}"
+        )
+
+
 def redis_store(client: Any, *, prefix: str = "jwtplus:") -> RevocationStore:
     """A store in Redis, shared by every process and machine: *client* is a ``redis.asyncio.Redis``.
 
@@ -2361,7 +2488,13 @@ def redis_store(client: Any, *, prefix: str = "jwtplus:") -> RevocationStore:
     so two servers racing to consume one refresh token never both win; reads
     are one ``MGET``. jwtplus never imports redis itself: install it with the
     ``redis`` extra and pass the client.
+
+    A hung Redis must cost a request one short timeout, so a redis-py client
+    without ``socket_timeout`` and ``socket_connect_timeout`` (each at most
+    :data:`MAX_STORE_TIMEOUT` seconds), or one that retries, is refused:
+    ``Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)`` is right.
     """
+    _bounded_client(client)
 
     def expire_at(until: float, now: float) -> int:
         return max(math.ceil(until), math.ceil(now) + 1)
@@ -2547,7 +2680,19 @@ JWTPLUS_HELPER = web.AppKey["JWTHelper"]("jwtplus_helper")
 
 
 def setup(app: web.Application, helper: JWTHelper) -> JWTHelper:
-    """Install *helper*'s middleware on *app* (both in one layer) and keep it at ``app[JWTPLUS_HELPER]``."""
+    """Install *helper*'s middleware on *app* (both in one layer) and keep it at ``app[JWTPLUS_HELPER]``.
+
+    Once per app: a second call, or jwtplus middlewares already in ``app.middlewares``, raise RuntimeError
+    (every request would be judged twice)."""
+    if not isinstance(helper, JWTHelper):
+        raise TypeError(f"helper must be a JWTHelper, got {helper!r}")
+    if JWTPLUS_HELPER in app:
+        raise RuntimeError("jwtplus.setup() was called twice on this app: call it once")
+    if any(getattr(m, "jwtplus_kind", None) for m in app.middlewares):
+        raise RuntimeError(
+            "jwtplus middlewares are already in app.middlewares: call jwtplus.setup(app, helper) or install "
+            "helper.pre_jwt_identifier() and helper.post_jwt_router(), not both"
+        )
     app.middlewares.append(helper.middleware())
     app[JWTPLUS_HELPER] = helper
     return helper
@@ -2651,14 +2796,18 @@ class JWTHelper:
         return None if self.cookies is None else _header_or_cookie_getter(self.manager.scheme, self.cookies)
 
     def pre_jwt_identifier(self) -> Middleware:
-        """The first middleware: authenticate the request (see :func:`authentication_middleware`)."""
-        return authentication_middleware(
-            manager=self.manager,
-            token_getter=self._getter(),
-            identifier=self.identifier,
-            checks=self.all_checks,
-            cache_size=self.cache_size,
-            clock=self.clock,
+        """The first middleware: authenticate the request (see :func:`authentication_middleware`).
+
+        ``post_jwt_router()`` must come after it: without it every request answers 500 (and the log says
+        why), since the routing table would not apply."""
+        return _authentication(
+            self.manager,
+            self._getter(),
+            self.identifier,
+            self.all_checks,
+            self.cache_size,
+            self.clock,
+            needs_router=True,
         )
 
     def post_jwt_router(self) -> Middleware:

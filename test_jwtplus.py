@@ -1242,6 +1242,95 @@ async def test_the_router_without_the_identifier_is_a_clear_error(aiohttp_client
     assert (await client.get("/index.html")).status == 500
 
 
+async def test_the_identifier_without_the_router_refuses_every_request(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1.0 left protected_apis open (200 without a token) when post_jwt_router() was forgotten."""
+    sm = manager()
+    helper = seed_helper(sm)
+    app = web.Application(middlewares=[helper.pre_jwt_identifier()])
+    ran: list[str] = []
+
+    async def setattr_api(request: web.Request) -> web.Response:
+        ran.append("setattr")
+        return web.Response(text="protected")
+
+    app.router.add_get("/setattr_api", setattr_api)
+    app.router.add_get("/index.html", index_page)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.ERROR, logger="jwtplus"):
+        for path, headers in [
+            ("/setattr_api", {}),
+            ("/setattr_api", bearer(sm.encode({"username": "ann"}))),
+            ("/index.html", {}),
+        ]:
+            response = await client.get(path, headers=headers)
+            assert (response.status, await response.json()) == (500, {"error": "server misconfigured"})
+    assert ran == []
+    assert "add helper.post_jwt_router() after it" in caplog.text
+    # the pair, in order, and the functional authentication alone (guards only) both work
+    paired = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+    paired.router.add_get("/setattr_api", setattr_api)
+    assert (await (await aiohttp_client(paired)).get("/setattr_api")).status == 401
+    alone = web.Application(middlewares=[jwtplus.authentication_middleware(manager=sm)])
+    alone.router.add_get("/setattr_api", setattr_api)
+    assert (await (await aiohttp_client(alone)).get("/setattr_api")).status == 200
+    assert ran == ["setattr"]
+
+
+def test_setup_refuses_to_install_jwtplus_twice() -> None:
+    helper = seed_helper(manager())
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    with pytest.raises(RuntimeError, match=r"setup\(\) was called twice"):
+        jwtplus.setup(app, helper)
+    for middlewares in ([helper.pre_jwt_identifier(), helper.post_jwt_router()], [helper.middleware()]):
+        with pytest.raises(RuntimeError, match=r"already in app\.middlewares"):
+            jwtplus.setup(web.Application(middlewares=middlewares), helper)
+    with pytest.raises(TypeError, match="helper must be a JWTHelper"):
+        jwtplus.setup(web.Application(), jwtplus.jwt_middleware)  # type: ignore[arg-type]
+
+
+async def test_jwtplus_on_an_app_and_its_sub_application_refuses_rather_than_judge_twice(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sm = manager()
+    app, api = web.Application(), web.Application()
+    jwtplus.setup(app, JWTHelper(secret_manager=sm))
+    jwtplus.setup(api, JWTHelper(secret_manager=sm))
+    api.router.add_get("/me", echo)
+    app.add_subapp("/api", api)
+    app.router.add_get("/me", echo)
+    client = await aiohttp_client(app)
+    token = sm.encode({"username": "ann"})
+    with caplog.at_level(logging.ERROR, logger="jwtplus"):
+        assert (await client.get("/api/me", headers=bearer(token))).status == 500
+    assert "two jwtplus authentication middlewares judged one request" in caplog.text
+    assert (await client.get("/me", headers=bearer(token))).status == 200  # the outer app alone: once
+
+
+async def test_a_whitelist_written_relative_to_a_sub_application_is_named_in_the_log(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Patterns match the full path: "/login" in an app mounted at /api never matches /api/login."""
+    for whitelist, expected in ((("/login",), 401), (("/api/login",), 200)):
+        caplog.clear()
+        app, api = web.Application(), web.Application()
+        jwtplus.setup(api, JWTHelper(secret_manager=manager(), whitelist=whitelist))
+        api.router.add_post("/login", echo)
+        app.add_subapp("/api", api)
+        client = await aiohttp_client(app)
+        with caplog.at_level(logging.WARNING, logger="jwtplus"):
+            assert (await client.post("/api/login")).status == expected
+            assert (await client.post("/api/login")).status == expected
+        hint = (
+            "jwtplus: POST /api/login was refused, but /login, its path within the sub-application "
+            "mounted at /api, is whitelisted: patterns match the full path, so write them with the prefix "
+            "(/api/login)"
+        )
+        assert caplog.messages == ([hint] if expected == 401 else [])  # once, not per request
+
+
 def _bare_request() -> web.Request:
     from aiohttp.test_utils import make_mocked_request
 
@@ -5970,3 +6059,64 @@ async def test_redis_down_fails_open_when_told_and_recovers(
     for name in ("A", "B"):
         assert OPEN_LOG in warnings_of(records[name])
         assert CLOSED_LOG not in warnings_of(records[name])
+
+
+def test_redis_store_refuses_a_client_that_could_stall_requests() -> None:
+    redis_asyncio = pytest.importorskip("redis.asyncio", reason="needs redis-py (the test extra)")
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    url = "redis://127.0.0.1:1/0"  # never connected to: construction alone is judged
+    refused = [
+        (redis_asyncio.Redis.from_url(url), "socket_timeout=None"),
+        (redis_asyncio.Redis.from_url(url, socket_timeout=1), "socket_connect_timeout=None"),
+        (redis_asyncio.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=1), "socket_timeout=30"),
+        (redis_asyncio.Redis(host="127.0.0.1", socket_timeout=1, socket_connect_timeout=1), "retry makes"),
+    ]
+    for client, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)) as raised:
+            jwtplus.redis_store(client)
+        assert "Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)" in str(raised.value)
+    for client in (
+        redis_asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1),
+        redis_asyncio.Redis(
+            host="127.0.0.1", socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+        ),
+    ):
+        assert repr(jwtplus.redis_store(client)) == "RevocationStore(kind='redis', prefix='jwtplus:')"
+
+
+async def test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_redis_hangs(
+    redis_server: RedisServer, aiohttp_client: Any
+) -> None:
+    """1.0's README form answered in 1 s but redis.Redis(host=..., socket_timeout=1) in 15 s (retries)."""
+    redis_asyncio = pytest.importorskip("redis.asyncio", reason="needs redis-py (the test extra)")
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    (snippet,) = [code for code in readme_snippets("Sessions that last and can end") if "redis_store" in code]
+    assert "redis://127.0.0.1:6379/0" in snippet
+    readme = run_snippet(
+        snippet.replace("redis://127.0.0.1:6379/0", redis_server.url), jwtplus=jwtplus, manager=manager()
+    )
+    built = redis_asyncio.Redis(
+        port=redis_server.port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    for sessions in (readme["sessions"], sessions_for(store=jwtplus.redis_store(built))):
+        app = web.Application()
+        jwtplus.setup(app, JWTHelper(sessions=sessions))
+        app.router.add_get("/me", echo)
+        client = await aiohttp_client(app)
+        token = (await jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})).access
+        assert (await client.get("/me", headers=bearer(token))).status == 200
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            assert (await client.get("/me", headers=bearer(token))).status == 503
+            waited = time.monotonic() - started
+        finally:
+            redis_server.resume()
+        assert 0.9 < waited < 2.0, waited  # one socket timeout of 1 s, not several
+        assert (await client.get("/me", headers=bearer(token))).status == 200
+    await readme["client"].aclose()
+    await built.aclose()
