@@ -148,10 +148,28 @@ def test_secret_manager_defaults_follow_the_seed() -> None:
 
 
 def test_secret_manager_is_frozen_and_hides_its_secret() -> None:
-    sm = manager(refresh_interval="1h")
-    assert "0123456789abcdef" not in repr(sm)
+    for sm in (manager(refresh_interval="1h"), SecretManager(secret="s3cr3t-" * 6, audience="web")):
+        shown = repr(sm)
+        assert "0123456789:;" not in shown and "s3cr3t" not in shown and "_key" not in shown
+        assert "_audiences" not in shown
+        with pytest.raises(AttributeError):
+            sm.exptime = "1d"  # type: ignore[misc]
+    with pytest.raises(TypeError):  # audience, issuer, leeway and allow_weak_secret are keyword-only
+        SecretManager(SECRET, 0, "Bearer", "HS256", "30d", "web")  # type: ignore[misc]
+
+
+def test_sessions_are_frozen_keyword_only_and_check_their_manager() -> None:
+    sessions = sessions_for()
     with pytest.raises(AttributeError):
-        sm.exptime = "1d"  # type: ignore[misc]
+        sessions.reuse_grace = 30  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        jwtplus.Sessions(manager())  # type: ignore[misc]
+    with pytest.raises((AttributeError, TypeError)):
+        sessions.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="manager must be a SecretManager"):
+        jwtplus.Sessions(manager="secret")  # type: ignore[arg-type]
+    # without rotation a refresh token may outlive the manager's exptime: its exp is its own
+    assert sessions_for(manager=manager(exptime="1d"), refresh_exptime="60d").refresh_seconds == 60 * 86400
 
 
 def test_secret_manager_accepts_seed_positional_arguments() -> None:
@@ -1318,9 +1336,12 @@ async def test_a_whitelist_written_relative_to_a_sub_application_is_named_in_the
         app, api = web.Application(), web.Application()
         jwtplus.setup(api, JWTHelper(secret_manager=manager(), whitelist=whitelist))
         api.router.add_post("/login", echo)
+        api.router.add_post("/other", echo)
+        app.router.add_get("/", index_page)  # a resource of the parent's that is no sub-app
         app.add_subapp("/api", api)
         client = await aiohttp_client(app)
         with caplog.at_level(logging.WARNING, logger="jwtplus"):
+            assert (await client.post("/api/other")).status == 401  # refused, but not whitelisted inside
             assert (await client.post("/api/login")).status == expected
             assert (await client.post("/api/login")).status == expected
         hint = (
@@ -6077,6 +6098,11 @@ def test_redis_store_refuses_a_client_that_could_stall_requests() -> None:
         with pytest.raises(ValueError, match=re.escape(message)) as raised:
             jwtplus.redis_store(client)
         assert "Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)" in str(raised.value)
+
+    class Fake:  # a client of another kind (a test double, a proxy): its timeouts are its own business
+        async def set(self, *args: Any, **kwargs: Any) -> None: ...
+
+    assert repr(jwtplus.redis_store(Fake())) == "RevocationStore(kind='redis', prefix='jwtplus:')"
     for client in (
         redis_asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1),
         redis_asyncio.Redis(

@@ -80,6 +80,24 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "end_session",
         "body_token_getter",
     ),
+    "hardening": (
+        "SecretManager",
+        "Sessions",
+        "encode_token",
+        "_origin_ok",
+        "_store_key",
+        "_mint",
+        "issue_tokens",
+        "_reloaded",
+        "memory_store",
+        "_bounded_client",
+        "_has_router",
+        "_authentication",
+        "_mount_prefixes",
+        "_hint_relative_patterns",
+        "setup",
+        "show_request_info",
+    ),
 }
 
 FIRST = {  # the tests most likely to kill a section's mutants, run first (then, if all pass, every test)
@@ -90,6 +108,11 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
     "guards": "guard or view or scope or fresh or login_required or require or policy or option or wrapper",
     "time claims": "claim or exp or iat or nbf or audience or datetime or decode or leeway",
     "session helpers": "session or refresh or logout or revoke or body or jti or store",
+    "hardening": (
+        "origin or socket or secret or leeway or grace or everywhere or namespace or lifetime or reload "
+        "or bounded or stall or router or twice or sub_app or relative or show_request or encode or pair "
+        "or ahead"
+    ),
 }
 
 STATUSES = ("invalid", "rejected", "unavailable", "expired", "missing", "pass", "access", "refresh")
