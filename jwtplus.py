@@ -2209,7 +2209,8 @@ async def refresh_session(
         key = _store_key(sessions, "used", jti)
         used_at = await sessions.store.consume(key, now, _outlives(sessions, claims["exp"]), now)
         if used_at is not None:
-            if now - used_at > sessions.grace_seconds:
+            # within the grace only forward in time: a server whose clock runs behind forgives no thief
+            if not sessions.grace_seconds or not 0 <= now - used_at <= sessions.grace_seconds:
                 _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
                 await revoke_family(sessions, family, now=now)
             raise _http_error(scheme, "invalid")

@@ -3874,6 +3874,24 @@ def refresh_request(token: str) -> web.Request:
     return make_mocked_request("POST", "/refresh", headers=bearer(token))
 
 
+@pytest.mark.parametrize(
+    ("grace", "reused_after", "theft"),
+    [(0, 0, True), (0, 5, True), (10, 5, False), (10, 11, True), (10, -1, True), (0, -3, True)],
+)
+async def test_a_reused_refresh_token_is_theft_unless_within_the_grace_forward_in_time(
+    grace: int, reused_after: float, theft: bool
+) -> None:
+    """A reuse on a server whose clock runs behind (reused_after < 0) is forgiven by no grace: in 1.0 a
+    thief replaying a token there within the skew kept the family alive, even with reuse_grace=0."""
+    sessions = sessions_for(reuse_grace=grace)
+    pair = await jwtplus.issue_tokens(sessions, "ann", now=NOW)
+    await jwtplus.refresh_session(refresh_request(pair.refresh), sessions, now=NOW + 100)
+    with pytest.raises(web.HTTPUnauthorized):
+        await jwtplus.refresh_session(refresh_request(pair.refresh), sessions, now=NOW + 100 + reused_after)
+    access = sessions.manager.decode(pair.access, now=NOW)
+    assert await jwtplus._is_revoked(sessions, access, NOW + 101) is theft
+
+
 async def test_a_login_ends_after_its_lifetime_however_often_it_is_refreshed() -> None:
     """1.0 kept one family alive 348 days with twelve refreshes 29 days apart."""
     sessions = sessions_for(manager=manager(exptime="400d"))
