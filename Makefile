@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: test lint typecheck pytest demo matrix bench mutants clean
+.PHONY: test lint typecheck pytest demo matrix bench mutants campaign clean
 
 $(VENV)/.test-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ matrix:
 ## helpers, and count the mutants the tests kill (.ci/mutants.py; about an hour on two cores)
 mutants: $(VENV)/.test-installed
 	$(BIN)/python .ci/mutants.py --jobs 2
+
+## campaign: two servers and a real redis-server under concurrent clients, through a Redis SIGKILL and
+## restart, a SIGSTOP pause and clock skews within and beyond the leeway; prints a Markdown report of
+## false accepts, false rejects, errors and 503s by phase and route (.ci/campaign.py;
+## about 70 seconds; needs redis-server; exits 1 on a broken invariant)
+campaign: $(VENV)/.test-installed
+	$(BIN)/python .ci/campaign.py
 
 clean:
 	rm -rf $(VENV) .venv-* .mypy_cache .ruff_cache .pytest_cache .hypothesis
