@@ -4921,7 +4921,8 @@ def fuzzed_requests(variant: Variant) -> st.SearchStrategy[Fuzzed]:
             csrf=draw(weighted((1, None), (3, echo), (1, ""), (1, "nope"))),
             origin=draw(rarely((3, None), (2, OWN_ORIGINS[0]), (1, OWN_ORIGINS[1]), *FOREIGN_ORIGINS)),
             fetch_site=draw(rarely((3, None), *((1, site) for site in FETCH_SITES))),
-            upgrade=draw(weighted((3, False), (1, True))),
+            # a handshake has no body: aiohttp 3.14.0 drops the connection of an upgrade that carries one
+            upgrade=draw(weighted((3, False), (1, True))) if body is None and where != "body" else False,
             preflight=draw(weighted((3, False), (1, True))),
             body=(*REFRESH_JSON, main) if where == "body" else None if body is None else (*body, draw(kinds)),
             garbage=draw(GARBAGE),
