@@ -54,11 +54,12 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, cast
 
+import aiohttp
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -79,6 +80,7 @@ __all__ = (
     # durations
     "parse_duration",
     # keys and rotation
+    "KeyInput",
     "SecretManager",
     "key_for_period",
     "period_of",
@@ -88,6 +90,11 @@ __all__ = (
     "cached_decoder",
     "decode_token",
     "encode_token",
+    # publishing keys
+    "jwks_handler",
+    "public_jwks",
+    # identity providers
+    "IdentityProvider",
     # request keys
     "AUTH_CARRY",
     "AUTH_CLAIMS",
@@ -109,6 +116,7 @@ __all__ = (
     "Identifier",
     "authenticate",
     "basic_identifier",
+    "subject_identifier",
     # routing
     "Action",
     "RoutePolicy",
@@ -150,6 +158,10 @@ __all__ = (
     "require_claims",
     "route_options",
     "session_route",
+    # WebSockets
+    "SOCKET_REFUSED",
+    "SOCKET_UNAVAILABLE",
+    "authenticated_messages",
     # III. aiohttp wiring and 0.2.0 compatibility
     "JWTPLUS_HELPER",
     "JWTHelper",
@@ -160,6 +172,8 @@ __all__ = (
 _log = logging.getLogger("jwtplus")
 
 Duration: TypeAlias = "str | int | float | timedelta"
+KeyInput: TypeAlias = "str | bytes | Mapping[str, Any]"
+"""An asymmetric key: PEM text (a private or public key), or a JWK as a dict or its JSON text."""
 AuthStatus: TypeAlias = Literal[
     "pass", "missing", "invalid", "expired", "rejected", "malformed", "unavailable"
 ]
@@ -192,6 +206,20 @@ _ROTATION_LABEL = b"jwtplus-rotation-v1:"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _HTTP_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _HASHES = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+_ASYMMETRIC = {
+    "EdDSA": ("OKP", "Ed25519"),
+    "ES256": ("EC", "P-256"),
+    "RS256": ("RSA", ""),
+    "PS256": ("RSA", ""),
+}
+"""The asymmetric algorithms, with the JWK ``kty`` and ``crv`` their keys must have."""
+_ED25519_LABEL = b"jwtplus-ed25519-v1:"
+_MIN_RSA_BITS = 2048
+_MAX_PUBLISHED_KEYS = 100
+_NO_CRYPTO = (
+    "asymmetric keys (EdDSA, ES256, RS256, PS256) need the cryptography package: "
+    "pip install 'aiohttp-jwtplus[crypto]'"
+)
 
 
 class TokenTooLargeError(jwt.DecodeError):
@@ -280,6 +308,11 @@ class SecretManager:
     *exptime*; across machines, give *leeway* a few seconds for clock skew.
     An empty *secret* draws random bytes (as many as the hash), so tokens then die with the process.
 
+    With ``algorithm="EdDSA"`` the secret derives Ed25519 key pairs (one per
+    rotation period), so other services verify with the public keys alone
+    (:func:`jwks_handler`). EdDSA, ES256, RS256 and PS256 also take static
+    *keys* instead of a secret: PEM or JWK, oldest first; the last one signs.
+
     .. warning:: the algorithm comes from here, never from a token.
     """
 
@@ -290,7 +323,7 @@ class SecretManager:
     scheme: str = "Bearer"
     """Authorization scheme read by the basic token getter and sent in challenges."""
     algorithm: str = "HS256"
-    """HS256, HS384 or HS512."""
+    """HS256, HS384 or HS512; EdDSA, ES256, RS256 or PS256 (the crypto extra)."""
     exptime: Duration = "30d"
     """Lifetime of a token from its issue."""
     _: KW_ONLY
@@ -302,18 +335,25 @@ class SecretManager:
     """Clock skew tolerated on every time check."""
     allow_weak_secret: bool = False
     """Accept a secret shorter than the hash output: for tests and demos only."""
+    keys: Sequence[KeyInput] | Mapping[str, Any] = ()
+    """Static asymmetric keys (PEM or JWK, or a JWKS), oldest first: each verifies the tokens naming its
+    ``kid``, the last one signs (all public: this manager only verifies). Instead of a secret."""
     rotation_seconds: int = field(init=False)
     """The key rotation period in seconds (0: no rotation)."""
     exptime_seconds: float = field(init=False)
     leeway_seconds: float = field(init=False)
     _key: bytes = field(init=False, repr=False)
     _audiences: frozenset[str] = field(init=False, repr=False)
+    _keys: Mapping[str, _Key] | None = field(init=False, repr=False)
+    """Asymmetric keys by kid (None: HMAC; empty: EdDSA keys derived per rotation period)."""
+    _signing: _Key | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         setattr_ = functools.partial(object.__setattr__, self)
-        if self.algorithm not in _HASHES:
+        if self.algorithm not in _HASHES and self.algorithm not in _ASYMMETRIC:
             raise ValueError(
-                f"algorithm={self.algorithm!r} is not supported: use one of {', '.join(_HASHES)}"
+                f"algorithm={self.algorithm!r} is not supported: use one of "
+                f"{', '.join([*_HASHES, *_ASYMMETRIC])}"
             )
         if not isinstance(self.scheme, str) or not _HTTP_TOKEN.fullmatch(self.scheme):
             raise ValueError(f'scheme={self.scheme!r} must be an HTTP auth scheme such as "Bearer"')
@@ -338,7 +378,18 @@ class SecretManager:
         setattr_("_audiences", _audience_set(self.audience))
         if self.issuer is not None and not isinstance(self.issuer, str):
             raise TypeError(f"issuer={self.issuer!r} must be a string or None")
-        wanted = hashlib.new(_HASHES[self.algorithm]).digest_size
+        setattr_("_keys", None)
+        setattr_("_signing", None)
+        if self.algorithm in _ASYMMETRIC:
+            _require_crypto()
+            if _static_keys(self, setattr_):
+                return
+        elif self.keys:
+            raise ValueError(
+                f"keys= holds asymmetric keys, which {self.algorithm} does not use: pass "
+                'algorithm="EdDSA", "ES256", "RS256" or "PS256" with them, or drop keys='
+            )
+        wanted = hashlib.new(_HASHES.get(self.algorithm, "sha256")).digest_size
         key = _secret_bytes(self.secret, wanted)
         try:
             HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(key)  # PyJWT's own refusal of PEM and SSH keys
@@ -352,6 +403,20 @@ class SecretManager:
                 f'({wanted}), or pass secret="" for a random one (tokens then die with the process); '
                 "allow_weak_secret=True accepts a short one, for tests and demos only"
             )
+        if self.algorithm in _ASYMMETRIC:  # EdDSA: key pairs derived from the secret
+            setattr_("_keys", {})
+            if self.rotation_seconds:
+                published = math.ceil((exptime + 2 * leeway) / self.rotation_seconds) + 3
+                if published > _MAX_PUBLISHED_KEYS:
+                    raise ValueError(
+                        f"refresh_interval={self.refresh_interval!r} with exptime={self.exptime!r} keeps "
+                        f"{published} key periods alive, and the JWKS would publish them all: make "
+                        f"refresh_interval at least exptime/{_MAX_PUBLISHED_KEYS - 3}"
+                    )
+            else:
+                single = _derived_key(key, None)
+                setattr_("_keys", {single.kid: single})
+                setattr_("_signing", single)
 
     def encode(self, payload: Mapping[str, Any], *, now: float | None = None) -> str:
         """Sign *payload* into a token: see :func:`encode_token`."""
@@ -400,7 +465,12 @@ def key_for_period(manager: SecretManager, period: int) -> bytes:
 
     The HMAC uses the algorithm's own hash (SHA-256 for HS256), so any process
     with the same secret derives the same key with nothing shared or stored.
+    For EdDSA it is the Ed25519 seed, HMAC-SHA256(secret, "jwtplus-ed25519-v1:" + decimal period).
     """
+    if manager._keys is not None:
+        if manager._keys:
+            raise ValueError("key_for_period: this manager's keys are static, not derived per period")
+        return hmac.new(manager._key, _ED25519_LABEL + str(period).encode("ascii"), "sha256").digest()
     return _cached_key(manager._key, period, manager.algorithm)
 
 
@@ -430,6 +500,258 @@ def _window(manager: SecretManager, period: int, now: float) -> int:
     return 0 if now < (period + 1) * interval + manager.exptime_seconds + leeway else 1
 
 
+# ---- Asymmetric keys ----
+
+
+class _Key(NamedTuple):
+    """One asymmetric key: its ``kid``, a verifier per algorithm it may check, its public JWK, and a
+    signer when it is private."""
+
+    kid: str
+    verifiers: Mapping[str, Callable[[bytes, bytes], bool]]
+    jwk: Mapping[str, Any]
+    sign: Callable[[bytes], bytes] | None
+
+
+def _require_crypto() -> None:
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        raise ImportError(_NO_CRYPTO) from None
+
+
+def _static_keys(manager: SecretManager, setattr_: Callable[[str, Any], None]) -> bool:
+    """Load an asymmetric manager's *keys* (True), or say that its secret derives them (False)."""
+    given: Any = manager.keys
+    if isinstance(given, Mapping) and "keys" in given:  # a JWKS
+        given = given["keys"]
+    if isinstance(given, (str, bytes, Mapping)) or not isinstance(given, (list, tuple)):
+        raise TypeError(
+            f"keys must be a list of keys (PEM text, or JWKs as dicts or JSON), oldest first, or a JWKS "
+            f"dict; got {type(given).__name__} (one key is keys=[key])"
+        )
+    if not given:
+        if manager.algorithm != "EdDSA":
+            raise ValueError(
+                f"algorithm={manager.algorithm!r} needs keys=[...] (PEM or JWK, the private key last): only "
+                "EdDSA derives its key pairs from the secret"
+            )
+        return False
+    if manager.secret:
+        raise ValueError('secret and keys exclude each other: static keys need no secret (leave secret="")')
+    if manager.rotation_seconds:
+        raise ValueError(
+            "refresh_interval rotates keys derived from the secret (EdDSA); static keys rotate by listing "
+            "them, oldest first, the signing key last: leave refresh_interval=0"
+        )
+    loaded = [_load_key(value, (manager.algorithm,), name=f"keys[{i}]") for i, value in enumerate(given)]
+    by_kid = {key.kid: key for key in loaded}
+    if len(by_kid) != len(loaded):
+        raise ValueError("keys holds two keys with one kid: each key needs its own")
+    if any(key.sign for key in loaded) and loaded[-1].sign is None:
+        raise ValueError("the last key in keys signs, and it is public: put the private key last")
+    setattr_("_keys", by_kid)
+    setattr_("_signing", loaded[-1] if loaded[-1].sign else None)
+    setattr_("_key", b"")
+    return True
+
+
+def _load_key(value: KeyInput, algorithms: Sequence[str], *, name: str, kid: str | None = None) -> _Key:
+    """Load PEM text or a JWK as a key of *algorithms*; a key of another type, a JWK whose ``kty``,
+    ``crv``, ``alg`` or ``use`` disagrees, or RSA under 2048 bits raises ValueError naming *name*."""
+    from cryptography.hazmat.primitives import serialization
+
+    jwk: Any = None
+    if isinstance(value, Mapping):
+        jwk = dict(value)
+    elif isinstance(value, (str, bytes)):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if text.lstrip().startswith("{"):
+            try:
+                jwk = json.loads(text)
+            except ValueError:
+                raise ValueError(f"{name} is not a JSON JWK") from None
+    else:
+        raise TypeError(f"{name} must be PEM text or a JWK (dict or JSON text), got {type(value).__name__}")
+    if jwk is not None:
+        if not isinstance(jwk, dict):
+            raise ValueError(f"{name} is not a JWK object")
+        key = _jwk_key(jwk, algorithms, name)
+        kid = jwk.get("kid") if kid is None else kid
+        if kid is not None and (not isinstance(kid, str) or not kid):
+            raise ValueError(f"{name}: its kid must be a non-empty string")
+    else:
+        data = text.encode("utf-8")
+        try:
+            if b"PRIVATE KEY-----" in data:
+                key = serialization.load_pem_private_key(data, password=None)
+            elif b"PUBLIC KEY-----" in data:
+                key = serialization.load_pem_public_key(data)
+            else:
+                raise ValueError("no PEM key")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{name} is neither a PEM private or public key (unencrypted) nor a JWK: {exc}"
+            ) from None
+    return _key_of(key, algorithms, kid, name)
+
+
+def _jwk_key(jwk: dict[str, Any], algorithms: Sequence[str], name: str) -> Any:
+    """The cryptography key of *jwk*, which must fit every algorithm of *algorithms*."""
+    for algorithm in algorithms:
+        kty, crv = _ASYMMETRIC[algorithm]
+        if jwk.get("kty") != kty or (crv and jwk.get("crv") != crv):
+            raise ValueError(
+                f"{name} is a JWK with kty={jwk.get('kty')!r} crv={jwk.get('crv')!r}; {algorithm} needs "
+                f"kty={kty!r}" + (f" crv={crv!r}" if crv else "")
+            )
+        if jwk.get("alg", algorithm) != algorithm:
+            raise ValueError(f"{name} is a JWK for alg={jwk.get('alg')!r}, not {algorithm}")
+    if jwk.get("use", "sig") != "sig":
+        raise ValueError(f"{name} is a JWK for use={jwk.get('use')!r}, not signatures")
+    try:
+        return jwt.PyJWK(jwk, algorithms[0]).key
+    except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{name} is not a valid {algorithms[0]} JWK: {exc}") from None
+
+
+def _key_of(key: Any, algorithms: Sequence[str], kid: str | None, name: str) -> _Key:
+    """Check that *key* (a cryptography key) fits *algorithms* and build its verifiers and signer."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    private = isinstance(key, (ed25519.Ed25519PrivateKey, ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey))
+    public = key.public_key() if private else key
+    for algorithm in algorithms:
+        kind = _ASYMMETRIC[algorithm][0]
+        if kind == "OKP":
+            fits = isinstance(public, ed25519.Ed25519PublicKey)
+        elif kind == "EC":
+            fits = isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"
+        else:
+            fits = isinstance(public, rsa.RSAPublicKey)
+            if fits and public.key_size < _MIN_RSA_BITS:
+                raise ValueError(
+                    f"{name} is a {public.key_size}-bit RSA key: {algorithm} needs {_MIN_RSA_BITS} bits or "
+                    "more (RFC 7518 section 3.3)"
+                )
+        if not fits:
+            raise ValueError(
+                f"{name} is a {type(public).__name__.replace('_', '')}; {algorithm} needs "
+                + {"OKP": "an Ed25519 key", "EC": "an EC P-256 key", "RSA": "an RSA key"}[kind]
+            )
+    jwk = _public_jwk(public)
+    thumbprint = _b64encode(
+        hashlib.sha256(json.dumps(jwk, sort_keys=True, separators=(",", ":")).encode()).digest()
+    )
+    kid = thumbprint if kid is None else kid
+    published = {**jwk, "kid": kid, "use": "sig"}
+    if len(algorithms) == 1:
+        published["alg"] = algorithms[0]
+    verifiers = {algorithm: _verifier(public, algorithm) for algorithm in algorithms}
+    sign = _signer(key, algorithms[0]) if private and len(algorithms) == 1 else None
+    return _Key(kid, verifiers, published, sign)
+
+
+def _public_jwk(public: Any) -> dict[str, str]:
+    """The members of *public*'s JWK that RFC 7638 hashes into its thumbprint."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    def b64int(n: int, size: int = 0) -> str:
+        return _b64encode(n.to_bytes(size or max(1, (n.bit_length() + 7) // 8), "big"))
+
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"crv": "Ed25519", "kty": "OKP", "x": _b64encode(raw)}
+    numbers = public.public_numbers()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return {"crv": "P-256", "kty": "EC", "x": b64int(numbers.x, 32), "y": b64int(numbers.y, 32)}
+    return {"e": b64int(numbers.e), "kty": "RSA", "n": b64int(numbers.n)}
+
+
+def _verifier(public: Any, algorithm: str) -> Callable[[bytes, bytes], bool]:
+    """``verify(signature, message)`` for *algorithm* under *public*; only the signature's one
+    encoding passes (raw R‖S of 64 bytes for ES256, never DER)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+    size = {"EdDSA": 64, "ES256": 64}.get(algorithm) or (public.key_size + 7) // 8
+    check: Callable[[bytes, bytes], None]
+    if algorithm == "EdDSA":
+        check = public.verify
+    elif algorithm == "ES256":
+        ecdsa = ec.ECDSA(hashes.SHA256())
+
+        def check(signature: bytes, message: bytes) -> None:
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            public.verify(utils.encode_dss_signature(r, s), message, ecdsa)
+
+    else:
+        pad = (
+            padding.PKCS1v15()
+            if algorithm == "RS256"
+            else padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        )
+        sha256 = hashes.SHA256()
+
+        def check(signature: bytes, message: bytes) -> None:
+            public.verify(signature, message, pad, sha256)
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        if len(signature) != size:
+            return False
+        try:
+            check(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+def _signer(private: Any, algorithm: str) -> Callable[[bytes], bytes]:
+    """``sign(message)`` for *algorithm* with *private*, in the JWS encoding (raw R‖S for ES256)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+
+    if algorithm == "EdDSA":
+        return cast(Callable[[bytes], bytes], private.sign)
+    if algorithm == "ES256":
+        ecdsa = ec.ECDSA(hashes.SHA256())
+
+        def sign(message: bytes) -> bytes:
+            r, s = utils.decode_dss_signature(private.sign(message, ecdsa))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+        return sign
+    pad = (
+        padding.PKCS1v15()
+        if algorithm == "RS256"
+        else padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    )
+    sha256 = hashes.SHA256()
+
+    def sign_rsa(message: bytes) -> bytes:
+        return cast(bytes, private.sign(message, pad, sha256))
+
+    return sign_rsa
+
+
+def _derive_ed25519(secret: bytes, period: int | None) -> _Key:
+    """Rotation *period*'s Ed25519 key pair (None: the one key without rotation): its 32-byte seed is
+    HMAC-SHA256(secret, "jwtplus-ed25519-v1:" + decimal period), its kid the period (or its thumbprint)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    label = _ED25519_LABEL + (b"" if period is None else str(period).encode("ascii"))
+    seed = hmac.new(secret, label, "sha256").digest()
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    return _key_of(private, ("EdDSA",), None if period is None else str(period), "secret")
+
+
+_derived_key = functools.lru_cache(maxsize=2 * _MAX_PUBLISHED_KEYS)(_derive_ed25519)
+
+
 # ---- Encode / decode ----
 
 
@@ -443,7 +765,20 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _check_claims(manager: SecretManager, claims: Mapping[str, Any], now: float) -> None:
+class _ClaimRules(Protocol):
+    """What a token's claims are checked against: a :class:`SecretManager` or an :class:`IdentityProvider`."""
+
+    @property
+    def issuer(self) -> str | None: ...
+
+    @property
+    def leeway_seconds(self) -> float: ...
+
+    @property
+    def _audiences(self) -> frozenset[str]: ...
+
+
+def _check_claims(manager: _ClaimRules, claims: Mapping[str, Any], now: float) -> None:
     """Check time, audience, issuer and string claims of verified *claims* at *now*."""
     leeway = manager.leeway_seconds
     exp = _numeric_date(claims, "exp")
@@ -520,17 +855,19 @@ def encode_token(manager: SecretManager, payload: Mapping[str, Any], *, now: flo
         and not (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
     ):
         raise ValueError(f"payload['aud']={aud!r} must be a string or a list of strings (RFC 7519 4.1.3)")
-    key, kid = manager._key, None
-    if manager.rotation_seconds:
-        period = period_of(now, manager.rotation_seconds)
-        key, kid = key_for_period(manager, period), str(period)
-    signing_input = (
-        _header_segment(manager.algorithm, kid)
-        + "."
-        + _b64encode(json.dumps(claims, separators=(",", ":")).encode())
-    )
-    signature = hmac.new(key, signing_input.encode("ascii"), _HASHES[manager.algorithm]).digest()
-    return signing_input + "." + _b64encode(signature)
+    payload_segment = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
+    period = period_of(now, manager.rotation_seconds) if manager.rotation_seconds else None
+    if manager._keys is None:
+        key = manager._key if period is None else key_for_period(manager, period)
+        signing_input = _header_segment(manager.algorithm, None if period is None else str(period))
+        signing_input += "." + payload_segment
+        signature = hmac.new(key, signing_input.encode("ascii"), _HASHES[manager.algorithm]).digest()
+        return signing_input + "." + _b64encode(signature)
+    signer = manager._signing if period is None else _derived_key(manager._key, period)
+    if signer is None or signer.sign is None:
+        raise ValueError("this manager holds public keys only: it verifies tokens but cannot sign them")
+    signing_input = _header_segment(manager.algorithm, signer.kid) + "." + payload_segment
+    return signing_input + "." + _b64encode(signer.sign(signing_input.encode("ascii")))
 
 
 def _b64encode(data: bytes) -> str:
@@ -590,9 +927,10 @@ def decode_token(manager: SecretManager, token: str | bytes, *, now: float | Non
     return _verify(manager, token, time.time() if now is None else now)[0]
 
 
-def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dict[str, Any], float]:
-    """:func:`decode_token`'s work at *now*: the claims, and the first instant the token is no longer
-    valid (its ``exp``, or its rotation window's end, plus the leeway), for the cache."""
+def _parsed(token: str | bytes) -> tuple[str, str, bytes, dict[str, Any]]:
+    """Check a token's size and form (the signature in its one canonical spelling, so a token has one
+    spelling: the signature covers the rest) and split it: header and payload segments, signature bytes,
+    and the parsed header, which may name no critical extension."""
     if isinstance(token, bytes):
         token = token.decode("ascii", "replace")
     if not isinstance(token, str):
@@ -607,22 +945,33 @@ def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dic
     if _b64encode(signature) != signature_b64:  # one token, one spelling: no other bits at the end
         raise jwt.DecodeError("the signature is not in its canonical spelling")
     header = _header(header_b64)
-    if header.get("alg") != manager.algorithm:
-        raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
     if "crit" in header:  # RFC 7515 section 4.1.11: we understand no extension, so none may be critical
         raise jwt.InvalidTokenError("the token names critical header extensions")
-    key, window, window_end = manager._key, 0, math.inf
+    return header_b64, payload_b64, signature, header
+
+
+def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dict[str, Any], float]:
+    """:func:`decode_token`'s work at *now*: the claims, and the first instant the token is no longer
+    valid (its ``exp``, or its rotation window's end, plus the leeway), for the cache."""
+    header_b64, payload_b64, signature, header = _parsed(token)
+    if header.get("alg") != manager.algorithm:
+        raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
+    period, window, window_end = None, 0, math.inf
     if manager.rotation_seconds:  # exactly one key may verify: its period's, named by kid
         period = _period_of_kid(header)
         window = _window(manager, period, now)
-        key = (key_for_period if window == 0 else _uncached_key)(manager, period)
         window_end = (
             (period + 1) * manager.rotation_seconds + manager.exptime_seconds + manager.leeway_seconds
         )
-    expected = hmac.new(
-        key, f"{header_b64}.{payload_b64}".encode("ascii"), _HASHES[manager.algorithm]
-    ).digest()
-    if not hmac.compare_digest(signature, expected):
+    message = f"{header_b64}.{payload_b64}".encode("ascii")
+    if manager._keys is None:
+        key = manager._key
+        if period is not None:
+            key = (key_for_period if window == 0 else _uncached_key)(manager, period)
+        valid = hmac.compare_digest(signature, hmac.new(key, message, _HASHES[manager.algorithm]).digest())
+    else:
+        valid = _own_key(manager, header, period, window).verifiers[manager.algorithm](signature, message)
+    if not valid:
         raise jwt.InvalidSignatureError("Signature verification failed")
     if window < 0:
         raise KeyIdError("the token's key period has not started")
@@ -631,6 +980,19 @@ def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dic
     claims = _json_object(payload_b64, "payload")
     _check_claims(manager, claims, now)
     return claims, min(claims["exp"] + manager.leeway_seconds, window_end)
+
+
+def _own_key(manager: SecretManager, header: Mapping[str, Any], period: int | None, window: int) -> _Key:
+    """The asymmetric key that may verify a token of *manager*: its period's, or the static key its
+    ``kid`` names (KeyIdError when none does)."""
+    if period is not None:
+        return (_derived_key if window == 0 else _derive_ed25519)(manager._key, period)
+    keys = cast("Mapping[str, _Key]", manager._keys)
+    kid = header.get("kid")
+    key = keys.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        raise KeyIdError("the token's kid names none of the keys")
+    return key
 
 
 class CacheInfo(NamedTuple):
@@ -643,11 +1005,14 @@ class CacheInfo(NamedTuple):
 
 
 class TokenDecoder(Protocol):
-    """``decode(token, now) -> claims``, and ``cache_info()``: what :func:`cached_decoder` returns."""
+    """``decode(token, now) -> claims``, ``cache_info()`` and ``cache_clear()``: what :func:`cached_decoder`
+    returns."""
 
     def __call__(self, token: str, now: float, /) -> dict[str, Any]: ...
 
     def cache_info(self) -> CacheInfo: ...
+
+    def cache_clear(self) -> None: ...
 
 
 def cached_decoder(manager: SecretManager, *, size: int = 10_000) -> TokenDecoder:
@@ -663,6 +1028,15 @@ def cached_decoder(manager: SecretManager, *, size: int = 10_000) -> TokenDecode
     >>> decode.cache_info()
     CacheInfo(hits=0, misses=0, maxsize=2, currsize=0)
     """
+    return _cached(functools.partial(_verify, manager), size)
+
+
+Verify: TypeAlias = Callable[[str, float], "tuple[dict[str, Any], float]"]
+
+
+def _cached(verify: Verify, size: int) -> TokenDecoder:
+    """:func:`cached_decoder` in front of any ``verify(token, now) -> (claims, valid_until)``; its
+    ``cache_clear()`` forgets every token (when the keys that verified them are gone)."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"size={size!r} must be a whole number of tokens (0: no cache)")
     cache: OrderedDict[str, tuple[dict[str, Any], float, bool]] = OrderedDict()
@@ -676,7 +1050,7 @@ def cached_decoder(manager: SecretManager, *, size: int = 10_000) -> TokenDecode
             cache.move_to_end(token)
             return dict(hit[0]) if hit[2] else copy.deepcopy(hit[0])
         misses += 1
-        claims, deadline = _verify(manager, token, now)
+        claims, deadline = verify(token, now)
         if not size:
             return claims
         flat = all(isinstance(v, (str, int, float, bool)) or v is None for v in claims.values())
@@ -690,7 +1064,356 @@ def cached_decoder(manager: SecretManager, *, size: int = 10_000) -> TokenDecode
         return CacheInfo(hits, misses, size, len(cache))
 
     decode.cache_info = cache_info  # type: ignore[attr-defined]
+    decode.cache_clear = cache.clear  # type: ignore[attr-defined]
     return cast(TokenDecoder, decode)
+
+
+# ---- Publishing keys ----
+
+
+def _published_periods(manager: SecretManager, now: float) -> range:
+    """The rotation periods whose keys verify at *now*, and the next one: the JWKS publishes them."""
+    interval = manager.rotation_seconds
+    current = period_of(now, interval)
+    first = period_of(now - manager.exptime_seconds - manager.leeway_seconds, interval)
+    while _window(manager, first, now) != 0 and first <= current:
+        first += 1
+    last = current + 1
+    while _window(manager, last + 1, now) == 0:
+        last += 1
+    return range(first, last + 1)
+
+
+def public_jwks(manager: SecretManager, *, now: float | None = None) -> dict[str, Any]:
+    """The JWK Set (RFC 7517) other services verify *manager*'s tokens with, at *now*.
+
+    With derived EdDSA keys: the key of every rotation period that can still
+    verify a token, plus the next period's, ahead of time. With static keys:
+    every key. Public members only, each with ``kid``, ``alg`` and ``use``.
+    """
+    keys = manager._keys
+    if keys is None:
+        raise ValueError(
+            'an HMAC manager has no public keys to publish: use algorithm="EdDSA" (keys derived from the '
+            'secret) or static keys with "ES256", "RS256" or "PS256"'
+        )
+    if keys:
+        return {"keys": [dict(key.jwk) for key in keys.values()]}
+    now = time.time() if now is None else now
+    secret = manager._key
+    return {"keys": [dict(_derived_key(secret, p).jwk) for p in _published_periods(manager, now)]}
+
+
+_STATIC_MAX_AGE = 300
+
+
+def jwks_handler(manager: SecretManager, *, clock: Callable[[], float] = time.time) -> Handler:
+    """Return the aiohttp handler that publishes :func:`public_jwks`, for ``/.well-known/jwks.json``.
+
+    ``Cache-Control: public, max-age`` ends no later than the current rotation
+    period (5 minutes for static keys), so a cache always holds the key of the
+    next period before its first token; an ``ETag`` answers ``If-None-Match``
+    with 304. The route is public: the middlewares let every request through.
+    """
+    public_jwks(manager, now=clock())  # refuse an HMAC manager now, not on the first request
+    interval = manager.rotation_seconds if not manager._keys else 0
+    last: list[Any] = [None, b"", ""]  # the periods published, their body, its ETag
+
+    async def jwks(request: web.Request) -> web.Response:
+        now = clock()
+        periods = _published_periods(manager, now) if interval else None
+        if periods != last[0] or not last[1]:
+            body = json.dumps(public_jwks(manager, now=now), separators=(",", ":")).encode()
+            last[:] = [periods, body, '"' + _b64encode(hashlib.sha256(body).digest()[:18]) + '"']
+        max_age = (
+            _STATIC_MAX_AGE
+            if not interval
+            else max(0, min(interval, int((now // interval + 1) * interval - now)))
+        )
+        headers = {"Cache-Control": f"public, max-age={max_age}", "ETag": last[2]}
+        wanted = request.headers.get("If-None-Match", "")
+        if last[2] in (tag.strip() for tag in wanted.split(",")) or wanted.strip() == "*":
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=last[1], content_type="application/jwk-set+json", headers=headers)
+
+    return _declare(jwks, RoutePolicy(any_state=True))
+
+
+# ---- Identity providers: tokens another issuer signs ----
+
+_MAX_JWKS_BYTES = 512 * 1024
+_MAX_KID_LENGTH = 256
+_DEFAULT_MAX_AGE = 300
+_MAX_MAX_AGE = 86400
+_AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
+
+
+def _https_url(value: Any, name: str) -> str:
+    """*value* as an absolute https URL (http only on a loopback host, for tests), or ValueError."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise TypeError(f"{name}={value!r} must be a URL string")
+    parts = urlsplit(value)
+    if (
+        not parts.hostname
+        or parts.scheme not in ("https", "http")
+        or (parts.scheme == "http" and parts.hostname not in _LOOPBACK)
+    ):
+        raise ValueError(f"{name}={value!r} must be an https:// URL (http:// only on 127.0.0.1 or localhost)")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityProvider:
+    """An issuer whose access tokens this app accepts: Keycloak, Auth0, Okta, Cognito, Entra, any OpenID
+    provider. Pass it as ``issuers=`` to a middleware factory; the app then only verifies.
+
+    Its public keys come from *jwks_uri*, or from the ``jwks_uri`` of the issuer's
+    discovery document (``<issuer>/.well-known/openid-configuration``), fetched
+    with aiohttp's client, never blocking the loop. Keys are cached by ``kid``
+    for as long as ``Cache-Control`` says (5 minutes without one, a day at most);
+    a token naming an unknown ``kid`` fetches them again, at most once per
+    *cooldown*, and concurrent requests share one fetch. ``iss`` and ``aud`` are
+    required; RFC 9068 ``at+jwt`` tokens are accepted (*require_at_jwt*: only those).
+    """
+
+    issuer: str
+    """The exact ``iss`` of its tokens (https; http only on a loopback host)."""
+    audience: str | Sequence[str]
+    """This API's identifier: a token's ``aud`` must hold one of these."""
+    jwks_uri: str | None = None
+    """Where its JWK Set lives (None: from OpenID discovery)."""
+    algorithms: Sequence[str] = ("RS256",)
+    """What it signs with: any of EdDSA, ES256, RS256, PS256; a key verifies only those its type fits."""
+    leeway: Duration = "5s"
+    """Clock skew tolerated between it and this server."""
+    cooldown: Duration = "30s"
+    """The least time between two fetches prompted by unknown ``kid`` values."""
+    timeout: Duration = 5
+    """The limit on each fetch, connection included."""
+    max_keys: int = 32
+    """The most keys kept from one JWK Set."""
+    require_at_jwt: bool = False
+    """Accept only RFC 9068 access tokens (header ``typ`` ``at+jwt``)."""
+    leeway_seconds: float = field(init=False)
+    cooldown_seconds: float = field(init=False)
+    timeout_seconds: float = field(init=False)
+    _audiences: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        setattr_ = functools.partial(object.__setattr__, self)
+        _https_url(self.issuer, "issuer")
+        if self.jwks_uri is not None:
+            _https_url(self.jwks_uri, "jwks_uri")
+        if self.audience is None:
+            raise ValueError("audience is required: the identifier of this API in the provider's tokens")
+        setattr_("_audiences", _audience_set(self.audience))
+        algorithms = (self.algorithms,) if isinstance(self.algorithms, str) else tuple(self.algorithms)
+        if not algorithms or not all(a in _ASYMMETRIC for a in algorithms):
+            raise ValueError(
+                f"algorithms={self.algorithms!r} must name one or more of {', '.join(_ASYMMETRIC)}: a "
+                "provider's keys are public, so HMAC (HS256) and none are never accepted"
+            )
+        setattr_("algorithms", algorithms)
+        _require_crypto()
+        leeway = parse_duration(self.leeway, name="leeway")
+        if leeway >= _MAX_LEEWAY:
+            raise ValueError(f"leeway={self.leeway!r} must be shorter than {_MAX_LEEWAY} seconds")
+        setattr_("leeway_seconds", leeway)
+        cooldown = parse_duration(self.cooldown, name="cooldown")
+        if not 1 <= cooldown <= _MAX_MAX_AGE:
+            raise ValueError(f"cooldown={self.cooldown!r} must be between 1 second and 1 day")
+        setattr_("cooldown_seconds", cooldown)
+        timeout = parse_duration(self.timeout, name="timeout")
+        if not 0 < timeout <= 30:
+            raise ValueError(f"timeout={self.timeout!r} must be more than 0 and at most 30 seconds")
+        setattr_("timeout_seconds", timeout)
+        if (
+            not isinstance(self.max_keys, int)
+            or isinstance(self.max_keys, bool)
+            or not 1 <= self.max_keys <= 1000
+        ):
+            raise ValueError(f"max_keys={self.max_keys!r} must be a whole number from 1 to 1000")
+
+
+class _KeysMissing(jwt.InvalidTokenError):
+    """The token names a ``kid`` not yet fetched: the pipeline awaits :attr:`fetch`, then verifies again."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[None]]) -> None:
+        super().__init__("the token's kid is not among the keys fetched so far")
+        self.fetch = fetch
+
+
+class _KeysUnavailable(jwt.InvalidTokenError):
+    """The issuer's keys could not be fetched: the request gets 503, as with a store that is down."""
+
+
+def _max_age(cache_control: str | None) -> float:
+    """How long a response may be cached, from its ``Cache-Control`` (RFC 9111), bounded to a day."""
+    if cache_control is None:
+        return _DEFAULT_MAX_AGE
+    directives = [part.strip().lower() for part in cache_control.split(",")]
+    if "no-store" in directives or "no-cache" in directives:
+        return 0
+    for directive in directives:
+        name, _, value = directive.partition("=")
+        if name.strip() == "max-age" and value.strip().strip('"').isdigit():
+            return min(int(value.strip().strip('"')), _MAX_MAX_AGE)
+    return _DEFAULT_MAX_AGE
+
+
+async def _get_json(http: aiohttp.ClientSession, url: str) -> tuple[Any, float]:
+    """GET *url* (no redirects, at most 512 KiB): its JSON body, and how long it may be cached."""
+    async with http.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
+        if response.status != 200:
+            raise ValueError(f"GET {url} answered {response.status}")
+        body = await response.content.read(_MAX_JWKS_BYTES + 1)
+        if len(body) > _MAX_JWKS_BYTES:
+            raise ValueError(f"GET {url} answered more than {_MAX_JWKS_BYTES} bytes")
+        return json.loads(body), _max_age(response.headers.get("Cache-Control"))
+
+
+def _jwks_keys(document: Any, provider: IdentityProvider) -> dict[str, _Key]:
+    """The usable keys of a fetched JWK Set: signing keys with a ``kid``, of a type one of the provider's
+    algorithms fits (and its ``alg``, when the JWK names one). Others are skipped, never trusted."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("the JWK Set has no keys list")
+    found: dict[str, _Key] = {}
+    for jwk in document["keys"]:
+        if len(found) == provider.max_keys:
+            _log.warning(
+                "jwtplus: %s publishes more than %d keys; the rest are ignored", provider.issuer, len(found)
+            )
+            break
+        if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
+            continue
+        algorithms = [
+            a
+            for a in provider.algorithms
+            if jwk.get("alg", a) == a
+            and jwk.get("kty") == _ASYMMETRIC[a][0]
+            and (not _ASYMMETRIC[a][1] or jwk.get("crv") == _ASYMMETRIC[a][1])
+        ]
+        if not algorithms or jwk.get("use", "sig") != "sig" or len(jwk["kid"]) > _MAX_KID_LENGTH:
+            continue
+        try:
+            found[jwk["kid"]] = _load_key(jwk, algorithms, name=f"{provider.issuer} key {jwk['kid']!r}")
+        except (ValueError, TypeError) as exc:
+            _log.warning("jwtplus: %s", exc)
+    return found
+
+
+KeyLookup: TypeAlias = Callable[[str, float], _Key]
+
+
+def _remote_keys(provider: IdentityProvider, forget: Callable[[], None]) -> KeyLookup:
+    """Return ``lookup(kid, now)``: the provider's key named *kid*, from a cache filled by fetches.
+
+    An unknown kid raises :class:`_KeysMissing` so that the caller awaits one
+    fetch (shared by every request that waits meanwhile), at most once per
+    cooldown; within it, KeyIdError when the last fetch worked, :class:`_KeysUnavailable`
+    when it failed. A stale cache is refreshed in the background while its keys go on verifying.
+    *forget* runs when a fetch drops keys, to forget the tokens they verified.
+    """
+    keys: dict[str, _Key] = {}
+    jwks_uri = provider.jwks_uri
+    fresh_until = fetched_at = -math.inf
+    fetched = False
+    running: asyncio.Task[None] | None = None
+    background: set[asyncio.Task[None]] = set()
+    timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
+
+    async def download() -> None:
+        nonlocal keys, jwks_uri, fresh_until, fetched_at, fetched, running
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                if jwks_uri is None:
+                    discovery = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                    document, _ = await _get_json(http, discovery)
+                    if not isinstance(document, dict) or document.get("issuer") != provider.issuer:
+                        raise ValueError(f"{discovery} names another issuer")  # OpenID Discovery 4.3
+                    jwks_uri = _https_url(document.get("jwks_uri"), "its jwks_uri")
+                document, max_age = await _get_json(http, jwks_uri)
+            found = _jwks_keys(document, provider)
+        except Exception as exc:  # unreachable, slow, not JSON, not a JWK Set: keep the keys we have
+            fetched = False
+            _log.warning(
+                "jwtplus: fetching the keys of %s failed: %s", provider.issuer, exc or type(exc).__name__
+            )
+        else:
+            if not keys.keys() <= found.keys():
+                forget()
+            keys, fetched = found, True
+            fresh_until = time.monotonic() + max_age
+        finally:
+            fetched_at, running = time.monotonic(), None
+
+    async def fetch() -> None:
+        nonlocal running
+        if running is None:
+            running = asyncio.get_running_loop().create_task(download())
+        await asyncio.shield(running)
+
+    def lookup(kid: str, now: float) -> _Key:
+        clock = time.monotonic()
+        key = keys.get(kid)
+        if key is not None:
+            if clock >= fresh_until and running is None and clock - fetched_at >= provider.cooldown_seconds:
+                task = asyncio.get_running_loop().create_task(fetch())
+                background.add(task)
+                task.add_done_callback(background.discard)
+            return key
+        if running is None and clock - fetched_at < provider.cooldown_seconds:
+            if fetched:
+                raise KeyIdError("the token's kid names none of the issuer's keys")
+            raise _KeysUnavailable("the issuer's keys could not be fetched")
+        raise _KeysMissing(fetch)
+
+    return lookup
+
+
+def _provider_verifier(providers: tuple[IdentityProvider, ...], forget: Callable[[], None]) -> Verify:
+    """``verify(token, now)`` for tokens of *providers*: the one its ``iss`` names, with that
+    provider's keys and algorithms, then the claims."""
+    by_issuer = {p.issuer: (p, _remote_keys(p, forget)) for p in providers}
+
+    def verify(token: str, now: float) -> tuple[dict[str, Any], float]:
+        header_b64, payload_b64, signature, header = _parsed(token)
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _AT_JWT | {"jwt"}):
+            raise jwt.InvalidTokenError("the token's typ is not JWT or at+jwt")
+        claims = _json_object(payload_b64, "payload")
+        found = by_issuer.get(claims.get("iss"))  # type: ignore[arg-type]
+        if found is None:
+            raise jwt.InvalidIssuerError("Invalid issuer")
+        provider, lookup = found
+        if provider.require_at_jwt and (not isinstance(typ, str) or typ.lower() not in _AT_JWT):
+            raise jwt.InvalidTokenError("the token is not an RFC 9068 access token (typ at+jwt)")
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in provider.algorithms:
+            raise jwt.InvalidAlgorithmError("The specified alg value is not allowed")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_LENGTH:
+            raise KeyIdError("the token's kid is missing or malformed")
+        check = lookup(kid, now).verifiers.get(algorithm)
+        if check is None:
+            raise jwt.InvalidAlgorithmError("the token's key does not sign with its alg")
+        if not check(signature, f"{header_b64}.{payload_b64}".encode("ascii")):
+            raise jwt.InvalidSignatureError("Signature verification failed")
+        _check_claims(provider, claims, now)
+        return claims, claims["exp"] + provider.leeway_seconds
+
+    return verify
+
+
+def _provider_decoder(providers: tuple[IdentityProvider, ...], size: int) -> TokenDecoder:
+    """A :func:`cached_decoder` for tokens of *providers*, forgetting them when their keys go."""
+    forgets: list[Callable[[], None]] = []
+    decode = _cached(_provider_verifier(providers, lambda: forgets[0]()), size)
+    forgets.append(decode.cache_clear)
+    return decode
 
 
 # ---- Request keys ----
@@ -880,6 +1603,13 @@ def basic_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
     return payload if isinstance(username, str) and username else None
 
 
+def subject_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Accept a payload with a non-empty ``sub`` string (what identity providers and :class:`Sessions`
+    issue), carry it whole: the default identifier with ``issuers=``."""
+    subject = payload.get("sub")
+    return payload if isinstance(subject, str) and subject else None
+
+
 def _claims_themselves(payload: dict[str, Any]) -> dict[str, Any]:
     """The identifier of the session helpers: they want the claims."""
     return payload
@@ -898,7 +1628,7 @@ _RESULTS: dict[str, AuthResult] = {
     for status in ("missing", "invalid", "expired", "rejected", "malformed", "unavailable")
 }
 _MISSING, _INVALID, _EXPIRED = _RESULTS["missing"], _RESULTS["invalid"], _RESULTS["expired"]
-_REJECTED, _MALFORMED = _RESULTS["rejected"], _RESULTS["malformed"]
+_REJECTED, _MALFORMED, _UNAVAILABLE = _RESULTS["rejected"], _RESULTS["malformed"], _RESULTS["unavailable"]
 _CHECK_VERDICTS = frozenset({"invalid", "expired", "rejected", "unavailable"})
 _TOKEN_TYPES = ("access", "refresh")
 
@@ -906,24 +1636,17 @@ Authenticator: TypeAlias = Callable[[web.Request, float], Awaitable[AuthResult]]
 
 
 def _authenticator(
-    manager: SecretManager,
+    verify: Callable[[str, float], dict[str, Any]],
     token_getter: TokenGetter,
     identifier: Identifier,
     token_type: str,
     checks: tuple[Check, ...],
-    decode: Callable[[str, float], dict[str, Any]] | None,
 ) -> Authenticator:
-    """The pipeline, bound once: getter, decode, token type, checks, identifier. Never raises.
+    """The pipeline, bound once: getter, decode (*verify*), token type, checks, identifier. Never raises.
 
     Every way jwtplus judges a token (the middlewares, :func:`refresh_session`,
-    :func:`end_session`) runs this one function.
+    :func:`end_session`, :func:`authenticated_messages`) runs this one function.
     """
-    if decode is None:
-
-        def decode(token: str, now: float) -> dict[str, Any]:
-            return _verify(manager, token, now)[0]
-
-    verify = decode
 
     async def judge(request: web.Request, now: float) -> AuthResult:
         try:
@@ -938,9 +1661,15 @@ def _authenticator(
         if token is None or token == "":
             return _MISSING
         try:
-            payload = verify(token, now)
+            try:
+                payload = verify(token, now)
+            except _KeysMissing as missing:  # an identity provider's keys are being fetched: wait, once
+                await missing.fetch()
+                payload = verify(token, now)
         except jwt.ExpiredSignatureError:
             return _EXPIRED
+        except _KeysUnavailable:
+            return _UNAVAILABLE
         except jwt.InvalidTokenError as exc:
             _log.debug("jwtplus: token refused (%s)", type(exc).__name__)
             return _INVALID
@@ -1035,7 +1764,8 @@ async def authenticate(
     "pass", with the identifier's result as ``carry``. The CSRF check of the
     default :class:`CookiePolicy` runs unless *checks* holds a :func:`csrf_check`.
     """
-    judge = _authenticator(manager, token_getter, identifier, _token_type(token_type), _checks(checks), None)
+    decode = cached_decoder(manager, size=0)
+    judge = _authenticator(decode, token_getter, identifier, _token_type(token_type), _checks(checks))
     return await judge(request, time.time() if now is None else now)
 
 
@@ -1370,33 +2100,77 @@ def _located_getter(
 Identify: TypeAlias = Callable[[web.Request, "RoutePolicy | None"], Awaitable["AuthStatus | web.Response"]]
 
 
+class _Pipeline(NamedTuple):
+    """The pieces of one route's pipeline, left on the request for :func:`authenticated_messages`."""
+
+    token_getter: TokenGetter
+    decode: TokenDecoder
+    identifier: Identifier
+    token_type: str
+    checks: tuple[Check, ...]
+    clock: Callable[[], float]
+    leeway: float
+
+
+_PIPELINE = web.RequestKey[_Pipeline]("jwtplus_pipeline")
+
+
+def _key_source(
+    manager: SecretManager | None, issuers: IdentityProvider | Iterable[IdentityProvider], cache_size: int
+) -> tuple[TokenDecoder, str, float]:
+    """The decoder of a middleware's tokens: the manager's own, or those of its identity providers;
+    with the scheme its challenges name and the longest leeway it grants."""
+    providers = (issuers,) if isinstance(issuers, IdentityProvider) else tuple(issuers)
+    if not all(isinstance(p, IdentityProvider) for p in providers):
+        raise TypeError(f"issuers must be IdentityProvider values, got {issuers!r}")
+    if (manager is None) == (not providers):
+        raise ValueError(
+            "pass manager= (tokens this app signs) or issuers= (tokens of identity providers), exactly one"
+        )
+    if manager is not None:
+        if not isinstance(manager, SecretManager):
+            raise TypeError(f"manager must be a SecretManager, got {manager!r}")
+        return cached_decoder(manager, size=cache_size), manager.scheme, manager.leeway_seconds
+    if len({p.issuer for p in providers}) != len(providers):
+        raise ValueError("issuers names one issuer twice: each provider needs its own issuer")
+    return _provider_decoder(providers, cache_size), "Bearer", max(p.leeway_seconds for p in providers)
+
+
 def _identifier(
-    manager: SecretManager,
+    manager: SecretManager | None,
+    issuers: IdentityProvider | Iterable[IdentityProvider],
     token_getter: TokenGetter | None,
     identifier: Identifier | None,
     checks: Iterable[Check],
     cache_size: int,
     clock: Callable[[], float],
-) -> tuple[Identify, TokenDecoder]:
+) -> tuple[Identify, TokenDecoder, str]:
     """Return ``identify(request, policy)``: run the pipeline (as the route's policy says), put the
-    result on the request, and return its status, or the answer a guard on the route gives instead."""
+    result on the request, and return its status, or the answer a guard on the route gives instead;
+    with the decoder and the scheme."""
+    decode, scheme, leeway = _key_source(manager, issuers, cache_size)
     if token_getter is None or token_getter is basic_token_getter:
-        token_getter = header_token_getter(manager.scheme)
+        token_getter = header_token_getter(scheme)
     if not callable(token_getter):
         raise TypeError(f"token_getter must be callable or None, got {token_getter!r}")
     if identifier is not None and not callable(identifier):
         raise TypeError(f"identifier must be callable or None, got {identifier!r}")
     if not callable(clock):
         raise TypeError(f"clock must be a function returning Unix seconds, such as time.time, got {clock!r}")
-    identifier = identifier or basic_identifier
+    identifier = identifier or (basic_identifier if manager is not None else subject_identifier)
     checks = _checks(checks)
     cookies = _csrf_policy(checks) or DEFAULT_COOKIES
-    decode = cached_decoder(manager, size=cache_size)
-    judge = _authenticator(manager, token_getter, identifier, "access", checks, decode)
-    judges: dict[tuple[tuple[str, ...] | None, str], Authenticator] = {(None, "access"): judge}
-    scheme = manager.scheme
 
-    def judge_for(policy: RoutePolicy) -> Authenticator:
+    def pipeline(getter: TokenGetter, token_type: str) -> tuple[Authenticator, _Pipeline]:
+        parts = _Pipeline(getter, decode, identifier, token_type, checks, clock, leeway)
+        return _authenticator(decode, getter, identifier, token_type, checks), parts
+
+    judge, parts = pipeline(token_getter, "access")
+    judges: dict[tuple[tuple[str, ...] | None, str], tuple[Authenticator, _Pipeline]] = {
+        (None, "access"): (judge, parts)
+    }
+
+    def judge_for(policy: RoutePolicy) -> tuple[Authenticator, _Pipeline]:
         key = (policy.locations, policy.token_type)
         found = judges.get(key)
         if found is None:
@@ -1404,9 +2178,7 @@ def _identifier(
             if locations is None:  # a refresh token comes from its own cookie, a header or a JSON body
                 locations = ("header", "cookie", "body")
             getter = _located_getter(locations, policy.token_type, scheme, cookies)
-            found = judges[key] = _authenticator(
-                manager, getter, identifier, policy.token_type, checks, decode
-            )
+            found = judges[key] = pipeline(getter, policy.token_type)
         return found
 
     async def identify(request: web.Request, policy: RoutePolicy | None) -> AuthStatus | web.Response:
@@ -1415,13 +2187,14 @@ def _identifier(
         state = request._state
         if "auth_status" in state:
             return _misconfigured(_TWICE)
-        run = judge if policy is None else judge_for(policy)
+        run, used = (judge, parts) if policy is None else judge_for(policy)
         status, carry, claims = await run(request, clock())
         state[AUTH_STATUS] = status
         state[AUTH_CARRY] = carry
         state[AUTH_CLAIMS] = claims
         state["auth_status"] = status
         state["auth_carry"] = carry
+        state[_PIPELINE] = used
         if policy is None:
             return status
         request[_ENFORCED] = policy
@@ -1431,7 +2204,7 @@ def _identifier(
                 return _challenge(scheme, action, status)
         return status
 
-    return identify, decode
+    return identify, decode, scheme
 
 
 Route: TypeAlias = Callable[[web.Request, AuthStatus, "RoutePolicy | None"], "Handler | web.Response | None"]
@@ -1543,7 +2316,8 @@ def _has_router(apps: tuple[web.Application, ...]) -> bool:
 
 def authentication_middleware(
     *,
-    manager: SecretManager,
+    manager: SecretManager | None = None,
+    issuers: IdentityProvider | Iterable[IdentityProvider] = (),
     token_getter: TokenGetter | None = None,
     identifier: Identifier | None = None,
     checks: Iterable[Check] = (),
@@ -1561,12 +2335,19 @@ def authentication_middleware(
     Verified tokens are remembered in a :func:`cached_decoder` of *cache_size*
     entries (0: none); ``middleware.cache_info()`` reports on it. *clock* tells the time (Unix
     seconds) tokens are judged at: a test, or a server whose clock is known to be off, passes its own.
+
+    Tokens are this app's own (*manager*), or those of identity providers
+    (*issuers*, one or several, chosen by each token's ``iss``): exactly one of
+    the two. With *issuers* the default identifier is :func:`subject_identifier`.
     """
-    return _authentication(manager, token_getter, identifier, checks, cache_size, clock, needs_router=False)
+    return _authentication(
+        manager, issuers, token_getter, identifier, checks, cache_size, clock, needs_router=False
+    )
 
 
 def _authentication(
-    manager: SecretManager,
+    manager: SecretManager | None,
+    issuers: IdentityProvider | Iterable[IdentityProvider],
     token_getter: TokenGetter | None,
     identifier: Identifier | None,
     checks: Iterable[Check],
@@ -1577,7 +2358,7 @@ def _authentication(
 ) -> Middleware:
     """:func:`authentication_middleware`; *needs_router* refuses every request (500, logged) where no jwtplus
     router runs after it, as the helper's first middleware does: its routing table would not apply."""
-    identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size, clock)
+    identify, decode, _ = _identifier(manager, issuers, token_getter, identifier, checks, cache_size, clock)
     routed: dict[tuple[web.Application, ...], bool] = {}
 
     @web.middleware
@@ -1627,7 +2408,8 @@ def router_middleware(
 
 def jwt_middleware(
     *,
-    manager: SecretManager,
+    manager: SecretManager | None = None,
+    issuers: IdentityProvider | Iterable[IdentityProvider] = (),
     rules: RoutingRules,
     token_getter: TokenGetter | None = None,
     identifier: Identifier | None = None,
@@ -1641,8 +2423,10 @@ def jwt_middleware(
 
     The arguments are those of :func:`authentication_middleware` and :func:`router_middleware`.
     """
-    identify, decode = _identifier(manager, token_getter, identifier, checks, cache_size, clock)
-    route = _router(rules, login_page_handler, app_page_handler, manager.scheme)
+    identify, decode, scheme = _identifier(
+        manager, issuers, token_getter, identifier, checks, cache_size, clock
+    )
+    route = _router(rules, login_page_handler, app_page_handler, scheme)
 
     @web.middleware
     async def jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -1944,6 +2728,11 @@ class Sessions:
             )
         namespace = self.namespace
         if namespace is None:
+            if not self.manager._key:
+                raise ValueError(
+                    "namespace= is needed with static keys (there is no secret to derive it from): "
+                    'name the app\'s share of the store, say namespace="myapp:"'
+                )
             digest = hmac.new(self.manager._key, b"jwtplus-store-namespace-v1", hashlib.sha256).hexdigest()
             namespace = digest[:16] + ":"
         if not isinstance(namespace, str):
@@ -2170,7 +2959,9 @@ def _session_judge(sessions: Sessions, cookies: CookiePolicy, token_type: str) -
     else:
         getter = _header_or_cookie_getter(scheme, cookies)
     checks = (csrf_check(cookies, every_method=True), revocation_check(sessions))
-    return _authenticator(sessions.manager, getter, _claims_themselves, token_type, checks, None)
+    return _authenticator(
+        cached_decoder(sessions.manager, size=0), getter, _claims_themselves, token_type, checks
+    )
 
 
 async def refresh_session(
@@ -2672,6 +3463,105 @@ def session_route(handler: _H) -> _H:
     return _declare(handler, RoutePolicy(any_state=True))
 
 
+# ---- WebSockets ----
+
+SOCKET_REFUSED = 4401
+"""The close code of a WebSocket whose token expired (reason "token expired") or was refused:
+revoked, replaced by an invalid one, or for another user (reason "token refused")."""
+SOCKET_UNAVAILABLE = 1013
+"""The close code (RFC 6455 "try again later") when the token cannot be checked: the store is down."""
+
+
+async def authenticated_messages(
+    request: web.Request, socket: web.WebSocketResponse, *, recheck: Duration = "30s"
+) -> AsyncIterator[aiohttp.WSMessage]:
+    """Yield the messages of *socket*, a WebSocket opened by an authenticated handshake, until its token
+    stops being valid; then close it with :data:`SOCKET_REFUSED` (4401) and stop.
+
+    One task per connection judges the token again, with the route's whole
+    pipeline (revocation included), when it expires and every *recheck*; no
+    timer runs per message. A client keeps the socket open past its token's
+    expiry by sending a fresh access token for the same subject,
+    ``{"type": "authenticate", "token": "..."}``; it is answered
+    ``{"type": "authenticated", "exp": ...}`` and not yielded. Prepares *socket* if needed.
+    """
+    parts = request.get(_PIPELINE)
+    if parts is None:
+        raise _not_installed()
+    interval = parse_duration(recheck, name="recheck")
+    if interval <= 0:
+        raise ValueError(f"recheck={recheck!r} must be positive: use {_DURATION_FORMS}")
+    if not socket.prepared:
+        await socket.prepare(request)
+    claims = request.get(AUTH_CLAIMS)
+    if request.get(AUTH_STATUS) != "pass" or claims is None:
+        await socket.close(code=SOCKET_REFUSED, message=b"token refused")
+        return
+    offered: list[str] = []  # the token of the last re-authentication, once it passed
+
+    def current_token(request: web.Request) -> str | Awaitable[str | None] | None:
+        return offered[-1] if offered else parts.token_getter(request)
+
+    def judge(getter: TokenGetter) -> Authenticator:
+        return _authenticator(parts.decode, getter, parts.identifier, parts.token_type, parts.checks)
+
+    rejudge = judge(current_token)
+    subject, deadline = claims.get("sub"), [float(claims["exp"]) + parts.leeway]
+
+    async def close(status: AuthStatus) -> None:
+        if status == "unavailable":
+            await socket.close(code=SOCKET_UNAVAILABLE, message=b"try again later")
+        else:
+            reason = b"token expired" if status == "expired" else b"token refused"
+            await socket.close(code=SOCKET_REFUSED, message=reason)
+
+    async def watch() -> None:
+        while not socket.closed:
+            now = parts.clock()
+            await asyncio.sleep(max(0.0, min(interval, deadline[0] - now)))
+            result = await rejudge(request, parts.clock())
+            if result.status != "pass" or result.claims is None:
+                await close(result.status)
+                return
+            deadline[0] = max(deadline[0], float(result.claims["exp"]) + parts.leeway)
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        async for message in socket:
+            offer = _offered_token(message)
+            if offer is None:
+                yield message
+                continue
+            result = await judge(functools.partial(_given_token, offer))(request, parts.clock())
+            if result.status != "pass" or result.claims is None or result.claims.get("sub") != subject:
+                await close(result.status if result.status != "pass" else "rejected")
+                break
+            offered[:] = [offer]
+            deadline[0] = float(result.claims["exp"]) + parts.leeway
+            await socket.send_json({"type": "authenticated", "exp": result.claims["exp"]})
+    finally:
+        watcher.cancel()
+
+
+def _given_token(token: str, request: web.Request) -> str:
+    return token
+
+
+def _offered_token(message: aiohttp.WSMessage) -> str | None:
+    """The token of a re-authentication message, ``{"type": "authenticate", "token": "..."}``, or None
+    for any other message ("" for one that names the type without a usable token)."""
+    if message.type != aiohttp.WSMsgType.TEXT or '"authenticate"' not in message.data:
+        return None
+    try:
+        body = json.loads(message.data)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("type") != "authenticate":
+        return None
+    token = body.get("token")
+    return token if isinstance(token, str) else ""
+
+
 # ==== Part III: aiohttp wiring and 0.2.0 compatibility ====
 
 # ---- aiohttp wiring ----
@@ -2803,6 +3693,7 @@ class JWTHelper:
         why), since the routing table would not apply."""
         return _authentication(
             self.manager,
+            (),
             self._getter(),
             self.identifier,
             self.all_checks,

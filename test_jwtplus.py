@@ -3399,9 +3399,7 @@ async def test_a_verifier_that_breaks_is_an_invalid_token_never_a_500(
         raise RuntimeError("a bug in the verifier")
 
     sm = manager()
-    judge = jwtplus._authenticator(
-        sm, jwtplus.basic_token_getter, jwtplus.basic_identifier, "access", (), broken
-    )
+    judge = jwtplus._authenticator(broken, jwtplus.basic_token_getter, jwtplus.basic_identifier, "access", ())
     request = make_mocked_request("GET", "/x", headers=bearer(sm.encode({"username": "ann"})))
     assert (await judge(request, time.time())).status == "invalid"
     assert "verifying a token raised" in caplog.text
