@@ -10,7 +10,10 @@ silently with the refresh token; logging out revokes the whole login family. The
 routing table is the seed's: logged out, /index.html shows the login page; logged
 in, /login.html shows the app; unknown paths fall back to one or the other. The
 WebSocket at /api/socket is authenticated by the same cookie: it greets the user
-with {"username": ..., "role": ...} and then echoes what it is sent.
+with {"username": ..., "role": ..., "exp": ...}, echoes what it is sent, and closes
+with 4401 when the access token expires or the session ends (a logout in another
+tab); the page's live panel then renews over HTTP and reconnects, or goes to the
+login page.
 """
 
 from __future__ import annotations
@@ -121,8 +124,9 @@ def make_app(
         claims = request[jwtplus.AUTH_CARRY]
         socket = web.WebSocketResponse()
         await socket.prepare(request)
-        await socket.send_json({"username": claims["username"], "role": claims["role"]})
-        async for message in socket:
+        await socket.send_json({"username": claims["username"], "role": claims["role"], "exp": claims["exp"]})
+        # closes with 4401 at expiry, and within 5 seconds of a logout anywhere
+        async for message in jwtplus.authenticated_messages(request, socket, recheck="5s"):
             if message.type == web.WSMsgType.TEXT:
                 await socket.send_str(message.data)
         return socket
