@@ -1,8 +1,9 @@
 """JWT authentication for aiohttp servers, in one file.
 
-jwtplus signs and checks JSON Web Tokens (HMAC; PyJWT's errors and key checks),
-rotates its keys from the clock so that every worker agrees without talking to
-the others, and puts a routing table in front of your handlers: protected APIs
+jwtplus signs and checks JSON Web Tokens (HMAC, or key pairs that others verify
+from a JWKS; PyJWT's errors), rotates its keys from the clock so that every
+worker agrees without talking to the others, accepts the tokens of identity
+providers, and puts a routing table in front of your handlers: protected APIs
 answer 401 or 403 before their handler runs, and for an SPA a logged-in user
 gets the app, everyone else the login page. For browsers, tokens travel in
 HttpOnly cookies with CSRF protection; sessions pair short access tokens with
@@ -29,7 +30,8 @@ are data on the handler that the middleware enforces before it runs.
 Coming from aiohttp-jwtplus 0.2.0: ``JWTHelper`` keeps its arguments and its
 ``pre_jwt_identifier()`` / ``post_jwt_router()`` pair, and builds these pieces.
 
-Depends on aiohttp and PyJWT only. Three parts, read top to bottom (``grep '^# ----'
+Depends on aiohttp and PyJWT only (EdDSA, ES256, RS256 and PS256 keys, the JWKS
+handler and identity providers need the crypto extra, which brings cryptography). Three parts, read top to bottom (``grep '^# ----'
 jwtplus.py`` lists the sections): I tokens and requests; II browsers and
 sessions; III aiohttp wiring and 0.2.0 compatibility.
 """
@@ -435,7 +437,11 @@ class SecretManager:
         interval = self.rotation_seconds
         while interval:
             now = time.time()
-            key_for_period(self, period_of(now, interval))
+            period = period_of(now, interval)
+            if self._keys is None:
+                key_for_period(self, period)
+            else:
+                _derived_key(self._key, period)
             await asyncio.sleep(interval - now % interval)
 
 
@@ -1385,7 +1391,8 @@ def _provider_verifier(providers: tuple[IdentityProvider, ...], forget: Callable
         if typ is not None and (not isinstance(typ, str) or typ.lower() not in _AT_JWT | {"jwt"}):
             raise jwt.InvalidTokenError("the token's typ is not JWT or at+jwt")
         claims = _json_object(payload_b64, "payload")
-        found = by_issuer.get(claims.get("iss"))  # type: ignore[arg-type]
+        issuer = claims.get("iss")
+        found = by_issuer.get(issuer) if isinstance(issuer, str) else None
         if found is None:
             raise jwt.InvalidIssuerError("Invalid issuer")
         provider, lookup = found

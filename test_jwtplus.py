@@ -6069,6 +6069,63 @@ async def test_the_spa_demo_login_answers_400_to_what_is_not_a_json_object(spawn
     assert "Error handling request" not in demo.stderr()
 
 
+async def test_the_resource_server_example_accepts_its_providers_tokens(
+    spawn: Spawn, aiohttp_server: Any
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = {**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())), "kid": "es-1", "alg": "ES256"}
+    issuer: list[str] = []
+    provider = web.Application()
+
+    async def discovery(request: web.Request) -> web.Response:
+        return web.json_response({"issuer": issuer[0], "jwks_uri": issuer[0] + "/jwks"})
+
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response({"keys": [jwk]})
+
+    provider.router.add_get("/.well-known/openid-configuration", discovery)
+    provider.router.add_get("/jwks", jwks)
+    idp = await aiohttp_server(provider, host="127.0.0.1")
+    issuer.append(str(idp.make_url("")).rstrip("/"))
+    api = await spawn(
+        "resource_server",
+        EXAMPLES / "resource_server.py",
+        *("--issuer", issuer[0], "--audience", "reports-api", "--algorithms", "ES256"),
+    )
+
+    def token(**claims: Any) -> str:
+        base = {"sub": "svc-7", "iss": issuer[0], "aud": "reports-api", "exp": int(time.time()) + 300}
+        return jwt.encode(
+            {**base, **claims}, key, algorithm="ES256", headers={"kid": "es-1", "typ": "at+jwt"}
+        )
+
+    socket_token = token()
+    async with ClientSession(timeout=HTTP_TIMEOUT) as http:
+        assert await fetch(api.url + "/health") == (200, '{"ok": true}')
+        assert (await fetch(api.url + "/api/me"))[0] == 401
+        status, body = await fetch(
+            api.url + "/api/me", headers=bearer(token(scope="reports:read", client_id="cli"))
+        )
+        assert (status, json.loads(body)) == (
+            200,
+            {"sub": "svc-7", "client_id": "cli", "scopes": ["reports:read"]},
+        )
+        assert (await fetch(api.url + "/api/reports", headers=bearer(token())))[0] == 403
+        assert (await fetch(api.url + "/api/reports", headers=bearer(token(scope="reports:read"))))[0] == 200
+        assert (await fetch(api.url + "/api/me", headers=bearer(token(aud="another-api"))))[0] == 401
+        async with http.ws_connect(api.url + "/api/socket", params={"access_token": socket_token}) as ws:
+            await ws.send_str("over the socket")
+            assert (await ws.receive()).data == "over the socket"
+    for _ in range(100):  # the access log line of a socket comes when it closes
+        if "GET /api/socket 101" in api.stderr():
+            break
+        await asyncio.sleep(0.05)
+    assert "GET /api/socket 101" in api.stderr()
+    assert socket_token not in api.stderr() + api.stdout()  # the access log writes paths, not query strings
+
+
 # -- Two real servers, one secret, rotating keys --
 
 ROTATION_SERVER = '''\

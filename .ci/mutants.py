@@ -3,7 +3,8 @@
     .venv/bin/python .ci/mutants.py [--jobs 2] [--only SECTION] [--list]
 
 Each mutant changes one thing in one function of the pipeline, the checks, the route policies
-and guards, scope matching, time claims or the session helpers: a comparison flipped
+and guards, scope matching, time claims, the session helpers, the keys and key sets, identity
+providers or WebSockets: a comparison flipped
 (== and !=, is and is not, in and not in, < and >=, ...), `and` and `or` swapped, a `not`
 dropped, a boolean constant flipped, a status string swapped for another, or one statement
 removed (logging calls excepted: they change no answer). The module is rewritten with
@@ -98,6 +99,34 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "setup",
         "show_request_info",
     ),
+    "keys": (
+        "_parsed",
+        "_verify",
+        "_own_key",
+        "_static_keys",
+        "_load_key",
+        "_jwk_key",
+        "_key_of",
+        "_verifier",
+        "_signer",
+        "key_for_period",
+        "_published_periods",
+        "public_jwks",
+        "jwks_handler",
+    ),
+    "providers and sockets": (
+        "_https_url",
+        "IdentityProvider",
+        "_max_age",
+        "_get_json",
+        "_jwks_keys",
+        "_remote_keys",
+        "_provider_verifier",
+        "_key_source",
+        "subject_identifier",
+        "authenticated_messages",
+        "_offered_token",
+    ),
 }
 
 FIRST = {  # the tests most likely to kill a section's mutants, run first (then, if all pass, every test)
@@ -112,6 +141,14 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
         "origin or socket or secret or leeway or grace or everywhere or namespace or lifetime or reload "
         "or bounded or stall or router or twice or sub_app or relative or show_request or encode or pair "
         "or ahead"
+    ),
+    "keys": (
+        "key or jwk or eddsa or ed25519 or es256 or rs256 or ps256 or alg or kid or pem or crypto or "
+        "confusion or der or rotation or period or publish or readme"
+    ),
+    "providers and sockets": (
+        "provider or issuer or jwks or kid or cooldown or discovery or socket or tenant or at_jwt or "
+        "oidc or readme"
     ),
 }
 

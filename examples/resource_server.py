@@ -16,6 +16,7 @@ client and keeps them by kid; it needs the crypto extra (pip install 'aiohttp-jw
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -67,7 +68,7 @@ def make_app(provider: jwtplus.IdentityProvider) -> web.Application:
                 await ws.send_str(message.data)
         return ws
 
-    rules = jwtplus.RoutingRules(protected_apis=("/api/.*",))
+    rules = jwtplus.RoutingRules(whitelist=("/health",), protected_apis=("/api/.*",))
     app = web.Application(middlewares=[jwtplus.jwt_middleware(issuers=provider, rules=rules)])
     app.add_routes(routes)
     return app
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8081, help="port to listen on (default: %(default)s)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the access log, and jwtplus's warnings
     provider = jwtplus.IdentityProvider(
         issuer=args.issuer,
         audience=args.audience,
