@@ -475,7 +475,10 @@ def key_for_period(manager: SecretManager, period: int) -> bytes:
     """
     if manager._keys is not None:
         if manager._keys:
-            raise ValueError("key_for_period: this manager's keys are static, not derived per period")
+            raise ValueError(
+                "key_for_period: this manager has no rotation periods (static keys, or EdDSA without "
+                "refresh_interval)"
+            )
         return hmac.new(manager._key, _ED25519_LABEL + str(period).encode("ascii"), "sha256").digest()
     return _cached_key(manager._key, period, manager.algorithm)
 
@@ -1078,15 +1081,15 @@ def _cached(verify: Verify, size: int) -> TokenDecoder:
 
 
 def _published_periods(manager: SecretManager, now: float) -> range:
-    """The rotation periods whose keys verify at *now*, and the next one: the JWKS publishes them."""
-    interval = manager.rotation_seconds
+    """The rotation periods whose keys verify at *now*, and every period a clock up to the leeway ahead
+    can sign in before the current one ends (the next one at least): the JWKS publishes them, so a
+    copy cached until the period's end holds every key the manager accepts meanwhile."""
+    interval, leeway = manager.rotation_seconds, manager.leeway_seconds
     current = period_of(now, interval)
-    first = period_of(now - manager.exptime_seconds - manager.leeway_seconds, interval)
+    first = period_of(now - manager.exptime_seconds - leeway, interval)
     while _window(manager, first, now) != 0 and first <= current:
         first += 1
-    last = current + 1
-    while _window(manager, last + 1, now) == 0:
-        last += 1
+    last = max(current + 1, period_of((current + 1) * interval + leeway, interval))
     return range(first, last + 1)
 
 

@@ -50,8 +50,12 @@ import pytest
 import yarl
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from jwt.algorithms import get_default_algorithms
 from multidict import CIMultiDict, CIMultiDictProxy
 
 import jwtplus
@@ -588,6 +592,1005 @@ async def test_a_cached_token_is_still_checked_for_revocation(make_client: Any) 
     assert (await client.get("/me", headers=bearer(pair["access"]))).status == 200  # now cached
     await jwtplus.revoke_token(sessions, sessions.manager.decode(pair["access"]))
     assert (await client.get("/me", headers=bearer(pair["access"]))).status == 401
+
+
+# ---- Asymmetric keys: EdDSA derived from the secret, static ES256/RS256/PS256/EdDSA ----
+# Keys are made once per module (RSA generation is slow); tokens are checked by jwtplus, by PyJWT
+# and, through the JWKS handler, by PyJWT's PyJWKClient and Node's jose.
+
+ALGORITHMS = ("EdDSA", "ES256", "RS256", "PS256")
+KIND = {"EdDSA": "ed25519", "ES256": "p256", "RS256": "rsa", "PS256": "rsa"}
+"""The kind of key each algorithm signs with here (see private_key)."""
+PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+ED25519_ORDER = 2**252 + 27742317777372353535851937790883648493
+PYJWT_ANY_TIME = {"verify_exp": False, "verify_iat": False, "verify_nbf": False}
+"""PyJWT checks times on the real clock; tokens minted at the fixed NOW are checked by jwtplus."""
+ED25519_LABEL = b"jwtplus-ed25519-v1:"
+_MAKERS: dict[str, Callable[[], Any]] = {
+    "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "ed448": ed448.Ed448PrivateKey.generate,
+    "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()),
+    "rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    "rsa1024": lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505
+    "rsa2047": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2047),  # noqa: S505
+}
+
+
+@functools.cache
+def private_key(kind: str) -> Any:
+    """One key per kind and module; "p256-b" and the like are a second, different key of the kind."""
+    return _MAKERS[kind.removesuffix("-b")]()
+
+
+def pem(key: Any, *, private: bool = True) -> str:
+    if private:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def jwk_of(key: Any, *, private: bool = True, **extra: Any) -> dict[str, Any]:
+    """The key's JWK as PyJWT writes it (private members included when *private*)."""
+    if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        algorithm = "EdDSA"
+    else:
+        algorithm = "ES256" if isinstance(key, ec.EllipticCurvePrivateKey) else "RS256"
+    value = get_default_algorithms()[algorithm].to_jwk(key if private else key.public_key(), as_dict=True)
+    return {**value, **extra}
+
+
+THUMBPRINT_MEMBERS = {"OKP": ("crv", "kty", "x"), "EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n")}
+
+
+def thumbprint(key: Any) -> str:
+    """RFC 7638: SHA-256 of the required public members, sorted, without whitespace."""
+    jwk = jwk_of(key, private=False)
+    members = {name: jwk[name] for name in THUMBPRINT_MEMBERS[jwk["kty"]]}
+    return b64url(
+        hashlib.sha256(json.dumps(members, sort_keys=True, separators=(",", ":")).encode()).digest()
+    )
+
+
+def keys_in(key: Any, form: str, *, private: bool) -> Any:
+    """*key* as keys= takes it in *form*; the JWK forms carry their own kid."""
+    if form == "pem":
+        return [pem(key, private=private)]
+    jwk = jwk_of(key, private=private, kid="key-2025")
+    return {"jwk": [jwk], "jwk json": [json.dumps(jwk)], "jwks": {"keys": [jwk]}}[form]
+
+
+def static(algorithm: str, *keys: Any, **kwargs: Any) -> SecretManager:
+    return SecretManager(algorithm=algorithm, keys=list(keys), **kwargs)
+
+
+def derived(interval: int = 3600, exptime: jwtplus.Duration = "2h", **kwargs: Any) -> SecretManager:
+    kwargs.setdefault("secret", SECRET)
+    return SecretManager(algorithm="EdDSA", refresh_interval=interval, exptime=exptime, **kwargs)
+
+
+def unb64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def sign_with(algorithm: str, private: Any, signing_input: str) -> bytes:
+    """A JWS signature of *signing_input* made with cryptography alone (raw R‖S for ES256)."""
+    data = signing_input.encode("ascii")
+    if algorithm == "EdDSA":
+        return bytes(private.sign(data))
+    if algorithm == "ES256":
+        r, s = decode_dss_signature(private.sign(data, ec.ECDSA(hashes.SHA256())))
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    pad = (
+        padding.PKCS1v15()
+        if algorithm == "RS256"
+        else padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    )
+    return bytes(private.sign(data, pad, hashes.SHA256()))
+
+
+def signed(algorithm: str, private: Any, header: Any, payload: Any) -> str:
+    """A compact JWS over any *header* and *payload* signed by *private*: only what is tested is wrong."""
+    if isinstance(header, dict):
+        header = {k: v for k, v in header.items() if v is not DROP}
+    signing_input = b64url(to_json(header)) + "." + b64url(to_json(payload))
+    return signing_input + "." + b64url(sign_with(algorithm, private, signing_input))
+
+
+def resign(token: str, signature: bytes) -> str:
+    head, payload, _ = token.split(".")
+    return f"{head}.{payload}.{b64url(signature)}"
+
+
+async def who(request: web.Request) -> web.Response:
+    return web.json_response({"username": (request[jwtplus.AUTH_CLAIMS] or {})["username"]})
+
+
+JWKS_PATH = "/.well-known/jwks.json"
+
+
+@dataclass
+class FixedClock:
+    """A clock that stands still at *now* until a test moves it."""
+
+    now: float
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def keys_app(sm: SecretManager, clock: Callable[[], float] = lambda: NOW) -> web.Application:
+    """/api/me protected; the JWKS under a protected pattern too: its handler is reachable anyway."""
+    rules = RoutingRules(protected_apis=("/api/.*", "/.well-known/.*"))
+    middleware = jwtplus.jwt_middleware(manager=sm, rules=rules, clock=clock)
+    app = web.Application(middlewares=[middleware])
+    app.router.add_get("/api/me", who)
+    app.router.add_get(JWKS_PATH, jwtplus.jwks_handler(sm, clock=clock))
+    return app
+
+
+async def assert_http_refused(client: Any, token: str) -> None:
+    response = await client.get("/api/me", headers=bearer(token))
+    assert response.status == 401, token
+    assert await response.read() == BODY_401
+    assert response.headers["WWW-Authenticate"] == CHALLENGE_INVALID
+
+
+def jwks_key(sm: SecretManager, token: str, now: float | None = None) -> Any:
+    """The public key that *sm*'s JWKS publishes for *token*'s kid, as PyJWT loads it."""
+    kid = jwt.get_unverified_header(token)["kid"]
+    (jwk,) = [key for key in jwtplus.public_jwks(sm, now=now)["keys"] if key["kid"] == kid]
+    return jwt.PyJWK(jwk).key
+
+
+# -- Sign and verify: jwtplus and PyJWT, both ways --
+
+
+@pytest.mark.parametrize("interval", [0, 3600], ids=["one key", "rotation"])
+def test_derived_eddsa_tokens_round_trip_and_pyjwt_verifies_them_with_the_jwks(interval: int) -> None:
+    sm = derived(interval)
+    token = sm.encode({"username": "ann"})
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "EdDSA"
+    assert sm.decode(token)["username"] == "ann"
+    public = jwks_key(sm, token)
+    assert jwt.decode(token, public, algorithms=["EdDSA"])["username"] == "ann"
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(tampered(token), public, algorithms=["EdDSA"])
+    with pytest.raises(jwt.InvalidSignatureError):
+        sm.decode(tampered(token))
+
+
+@pytest.mark.parametrize("form", ["pem", "jwk", "jwk json", "jwks"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_static_keys_round_trip_and_pyjwt_verifies_them(algorithm: str, form: str) -> None:
+    key = private_key(KIND[algorithm])
+    signer = SecretManager(algorithm=algorithm, keys=keys_in(key, form, private=True))
+    verifier = SecretManager(algorithm=algorithm, keys=keys_in(key, form, private=False))
+    token = signer.encode({"username": "ann"})
+    kid = thumbprint(key) if form == "pem" else "key-2025"
+    assert jwt.get_unverified_header(token) == {"alg": algorithm, "kid": kid, "typ": "JWT"}
+    assert signer.decode(token) == verifier.decode(token)
+    assert verifier.decode(token)["username"] == "ann"
+    assert jwt.decode(token, key.public_key(), algorithms=[algorithm])["username"] == "ann"
+    with pytest.raises(ValueError, match="public keys only"):
+        verifier.encode({"username": "ann"})
+    with pytest.raises(jwt.InvalidSignatureError):
+        verifier.decode(tampered(token))
+    impostor = private_key(KIND[algorithm] + "-b")  # another key under the same kid
+    forged = signed(algorithm, impostor, {"alg": algorithm, "kid": kid}, claims(time.time()))
+    with pytest.raises(jwt.InvalidSignatureError):
+        verifier.decode(forged)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_pyjwt_token_with_the_right_kid_verifies_in_jwtplus(algorithm: str) -> None:
+    key = private_key(KIND[algorithm])
+    verifier = static(algorithm, pem(key, private=False))
+    payload = {"username": "ann", "exp": int(time.time()) + 60}
+    token = jwt.encode(payload, key, algorithm=algorithm, headers={"kid": thumbprint(key)})
+    assert verifier.decode(token)["username"] == "ann"
+    for headers in ({}, {"kid": "another"}):
+        with pytest.raises(jwtplus.KeyIdError):
+            verifier.decode(jwt.encode(payload, key, algorithm=algorithm, headers=headers))
+
+
+def test_a_pyjwt_token_signed_with_a_derived_seed_verifies_in_jwtplus() -> None:
+    sm = derived(3600)
+    period = jwtplus.period_of(time.time(), 3600)
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(jwtplus.key_for_period(sm, period))
+    payload = {"username": "ann", "exp": int(time.time()) + 60}
+    token = jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": str(period)})
+    assert sm.decode(token)["username"] == "ann"
+    with pytest.raises(jwt.InvalidSignatureError):  # the seed of one period is no other period's
+        sm.decode(jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": str(period - 1)}))
+
+
+def test_static_keys_rotate_by_listing_them_oldest_first() -> None:
+    old, new = private_key("p256"), private_key("p256-b")
+    before = static("ES256", pem(old))
+    after = static("ES256", pem(old, private=False), pem(new))
+    verifier = static("ES256", pem(old, private=False), pem(new, private=False))
+    old_token, new_token = before.encode({"username": "old"}), after.encode({"username": "new"})
+    assert jwt.get_unverified_header(new_token)["kid"] == thumbprint(new)
+    assert [verifier.decode(t)["username"] for t in (old_token, new_token)] == ["old", "new"]
+    assert after.decode(old_token)["username"] == "old"
+    with pytest.raises(jwtplus.KeyIdError):
+        before.decode(new_token)
+    assert [k["kid"] for k in jwtplus.public_jwks(after)["keys"]] == [thumbprint(old), thumbprint(new)]
+    with pytest.raises(ValueError, match="put the private key last"):
+        static("ES256", pem(new), pem(old, private=False))
+
+
+# -- Derived keys --
+
+
+def test_two_eddsa_managers_with_one_secret_sign_alike_and_publish_one_jwks() -> None:
+    a, b = derived(60, "5m"), derived(60, "5m")
+    assert a is not b
+    payload = {"username": "ann", "jti": "one"}  # Ed25519 is deterministic: same key, same token
+    for now in (NOW, NOW + 59, NOW + 60, NOW + 86400):
+        assert a.encode(payload, now=now) == b.encode(payload, now=now)
+        assert jwtplus.public_jwks(a, now=now) == jwtplus.public_jwks(b, now=now)
+        assert b.decode(a.encode(payload, now=now), now=now)["username"] == "ann"
+    assert jwtplus.public_jwks(derived(0)) == jwtplus.public_jwks(derived(0))
+
+
+@pytest.mark.parametrize("interval", [0, 60], ids=["one key", "rotation"])
+def test_a_different_secret_derives_different_eddsa_keys(interval: int) -> None:
+    ours, theirs = derived(interval, "5m"), derived(interval, "5m", secret=OTHER_SECRET)
+    xs = {k["x"] for k in jwtplus.public_jwks(ours, now=NOW)["keys"]}
+    assert xs.isdisjoint(k["x"] for k in jwtplus.public_jwks(theirs, now=NOW)["keys"])
+    with pytest.raises(jwt.InvalidTokenError):  # rotation: a bad signature; one key: another kid
+        ours.decode(theirs.encode({"username": "mallory"}, now=NOW), now=NOW)
+
+
+def test_eddsa_seeds_are_the_documented_hmac_and_the_kid_is_the_period() -> None:
+    sm = derived(3600)
+    period = jwtplus.period_of(NOW, 3600)
+    assert period == 472222
+    for n in (period - 1, period, period + 1):
+        seed = hmac.new(SECRET, ED25519_LABEL + str(n).encode(), hashlib.sha256).digest()
+        assert jwtplus.key_for_period(sm, n) == seed
+    seed = hmac.new(SECRET, b"jwtplus-ed25519-v1:472222", hashlib.sha256).digest()
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    published = {key["kid"]: key for key in jwtplus.public_jwks(sm, now=NOW)["keys"]}
+    assert published["472222"] == {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64url(raw),
+        "kid": "472222",
+        "alg": "EdDSA",
+        "use": "sig",
+    }
+    token = sm.encode({"username": "ann", "jti": "j"}, now=NOW)
+    assert jwt.get_unverified_header(token)["kid"] == "472222"
+    signing_input, _, signature = token.rpartition(".")
+    assert b64url(private.sign(signing_input.encode())) == signature
+
+
+def test_eddsa_without_rotation_has_one_seed_and_its_thumbprint_as_kid() -> None:
+    sm = derived(0)
+    seed = hmac.new(SECRET, ED25519_LABEL, hashlib.sha256).digest()
+    private = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    kid = thumbprint(private)
+    assert jwtplus.public_jwks(sm) == {
+        "keys": [{**jwk_of(private, private=False), "kid": kid, "alg": "EdDSA", "use": "sig"}]
+    }
+    token = sm.encode({"username": "ann", "jti": "j"}, now=NOW)
+    assert jwt.get_unverified_header(token)["kid"] == kid
+    signing_input, _, signature = token.rpartition(".")
+    assert b64url(private.sign(signing_input.encode())) == signature
+
+
+async def test_an_eddsa_token_outside_its_period_window_is_refused(make_client: Any) -> None:
+    interval, life = 100, 250
+    sm = derived(interval, life)
+    period = jwtplus.period_of(NOW, interval)
+    start, end = period * interval, (period + 1) * interval + life
+    token = sm.encode({"username": "ann", "exp": start + 10_000}, now=start)  # exp outlives the window
+    assert jwt.get_unverified_header(token)["kid"] == str(period)
+    assert sm.decode(token, now=end - 1)["username"] == "ann"
+    with pytest.raises(jwt.ExpiredSignatureError):
+        sm.decode(token, now=end)
+    with pytest.raises(jwtplus.KeyIdError):  # invalid, not merely early: before its period started
+        sm.decode(token, now=start - 1)
+    forged = derived(interval, life, secret=OTHER_SECRET).encode({"username": "ann"}, now=start)
+    with pytest.raises(jwt.InvalidSignatureError):  # a closed period's forgery is still a forgery
+        sm.decode(forged, now=end + 1000)
+    clock = FixedClock(start - 1)
+    client = await make_client(app=keys_app(sm, clock))
+    for instant, status in ((start - 1, 401), (start, 200), (end - 1, 200), (end, 401)):
+        clock.now = instant
+        assert (await client.get("/api/me", headers=bearer(token))).status == status, instant
+
+
+def test_eddsa_configuration_is_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="keeps 723 key periods alive"):
+        derived(3600, "30d")
+    with pytest.raises(ValueError, match="secret is 31 bytes"):
+        derived(secret=b"k" * 31)
+    assert derived(secret="").encode({"username": "ann"})  # "" draws a random secret
+    with pytest.raises(ValueError, match="static"):
+        jwtplus.key_for_period(static("ES256", pem(private_key("p256"))), 1)
+
+
+# -- Refused, at construction --
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "bad", "message"),
+    [
+        ("ES256", lambda: jwk_of(private_key("p256-b"), alg="RS256"), r"keys\[1\] is a JWK for alg='RS256'"),
+        ("ES256", lambda: jwk_of(private_key("p256-b"), alg="ES384"), r"keys\[1\] is a JWK for alg='ES384'"),
+        ("ES256", lambda: jwk_of(private_key("p256-b"), alg="none"), r"keys\[1\] is a JWK for alg='none'"),
+        ("ES256", lambda: jwk_of(private_key("p256-b"), alg="HS256"), r"keys\[1\] is a JWK for alg='HS256'"),
+        ("ES256", lambda: jwk_of(private_key("p256-b"), kty="RSA"), r"keys\[1\] is a JWK with kty='RSA'"),
+        ("ES256", lambda: jwk_of(private_key("p384")), r"keys\[1\] is a JWK with kty='EC' crv='P-384'"),
+        ("ES256", lambda: jwk_of(private_key("secp256k1")), r"keys\[1\].*crv='secp256k1'"),
+        ("ES256", lambda: jwk_of(private_key("rsa")), r"keys\[1\] is a JWK with kty='RSA'"),
+        ("ES256", lambda: jwk_of(private_key("p256-b"), use="enc"), r"keys\[1\] is a JWK for use='enc'"),
+        ("EdDSA", lambda: jwk_of(private_key("ed448")), r"keys\[1\] is a JWK with kty='OKP' crv='Ed448'"),
+        ("EdDSA", lambda: jwk_of(private_key("ed25519-b"), crv="X25519"), r"keys\[1\].*crv='X25519'"),
+        ("EdDSA", lambda: jwk_of(private_key("ed25519-b"), alg="Ed25519"), r"keys\[1\].*alg='Ed25519'"),
+        ("RS256", lambda: jwk_of(private_key("rsa-b"), alg="PS256"), r"keys\[1\] is a JWK for alg='PS256'"),
+        ("PS256", lambda: jwk_of(private_key("rsa-b"), alg="RS256"), r"keys\[1\] is a JWK for alg='RS256'"),
+        ("RS256", lambda: jwk_of(private_key("p256")), r"keys\[1\] is a JWK with kty='EC'"),
+    ],
+)
+def test_a_jwk_that_disagrees_with_the_algorithm_is_refused_naming_it(
+    algorithm: str, bad: Callable[[], Any], message: str
+) -> None:
+    good = jwk_of(private_key(KIND[algorithm]), private=False)
+    with pytest.raises(ValueError, match=message):
+        static(algorithm, good, bad())
+    with pytest.raises(ValueError, match=message.replace(r"keys\[1\]", r"keys\[0\]")):
+        static(algorithm, bad())
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "PS256"])
+@pytest.mark.parametrize("kind", ["rsa1024", "rsa2047"])
+def test_rsa_keys_under_2048_bits_are_refused(algorithm: str, kind: str) -> None:
+    weak, bits = private_key(kind), kind.removeprefix("rsa")
+    forms = [pem(weak), pem(weak, private=False), jwk_of(weak), jwk_of(weak, private=False)]
+    for form in forms:
+        with pytest.raises(ValueError, match=rf"keys\[1\] is a {bits}-bit RSA key: {algorithm} needs 2048"):
+            static(algorithm, pem(private_key("rsa"), private=False), form)
+    assert static(algorithm, pem(private_key("rsa"))).encode({"username": "ann"})  # 2048 bits: fine
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "kind", "needs"),
+    [
+        ("ES256", "rsa", "an EC P-256 key"),
+        ("ES256", "p384", "an EC P-256 key"),
+        ("ES256", "secp256k1", "an EC P-256 key"),
+        ("ES256", "ed25519", "an EC P-256 key"),
+        ("EdDSA", "ed448", "an Ed25519 key"),
+        ("EdDSA", "p256", "an Ed25519 key"),
+        ("RS256", "ed25519", "an RSA key"),
+        ("PS256", "p256", "an RSA key"),
+    ],
+)
+def test_a_key_of_another_type_than_the_algorithm_is_refused_naming_it(
+    algorithm: str, kind: str, needs: str
+) -> None:
+    good = pem(private_key(KIND[algorithm]), private=False)
+    for private in (True, False):
+        with pytest.raises(ValueError, match=rf"keys\[1\] is a .*; {algorithm} needs {needs}"):
+            static(algorithm, good, pem(private_key(kind), private=private))
+
+
+def test_static_key_configurations_that_cannot_work_are_refused() -> None:
+    key = pem(private_key("p256"))
+    encrypted = (
+        private_key("p256")
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"password"),
+        )
+        .decode()
+    )
+    p256_b, rsa_public = jwk_of(private_key("p256-b")), jwk_of(private_key("rsa"), private=False)
+    cases: list[tuple[Callable[[], Any], type[Exception], str]] = [
+        (
+            lambda: SecretManager(algorithm="ES256", secret=SECRET, keys=[key]),
+            ValueError,
+            "exclude each other",
+        ),
+        (
+            lambda: SecretManager(algorithm="ES256", refresh_interval=60, keys=[key]),
+            ValueError,
+            "leave refresh",
+        ),
+        (lambda: SecretManager(algorithm="ES256"), ValueError, "needs keys="),
+        (lambda: SecretManager(algorithm="RS256", secret=SECRET), ValueError, "needs keys="),
+        (lambda: SecretManager(algorithm="HS256", secret=SECRET, keys=[key]), ValueError, "does not use"),
+        (lambda: static("ES256", key, key), ValueError, "two keys with one kid"),
+        (lambda: SecretManager(algorithm="ES256", keys=key), TypeError, r"one key is keys=\[key\]"),  # type: ignore[arg-type]
+        (
+            lambda: static("ES256", pem(private_key("p256-b")), "not a key"),
+            ValueError,
+            r"keys\[1\] is neither",
+        ),
+        (lambda: static("ES256", encrypted), ValueError, r"keys\[0\] is neither"),
+        (lambda: static("ES256", "{not json"), ValueError, r"keys\[0\] is not a JSON JWK"),
+        (lambda: static("ES256", jwk_of(private_key("p256"), kid="")), ValueError, r"keys\[0\]: its kid"),
+        (lambda: static("ES256", 42), TypeError, r"keys\[0\] must be PEM text or a JWK"),
+        (
+            lambda: static("ES256", {**jwk_of(private_key("p256"), private=False), "y": p256_b["y"]}),
+            ValueError,
+            r"keys\[0\] is not a valid ES256 JWK",
+        ),  # off the curve
+        (
+            lambda: static("ES256", {**jwk_of(private_key("p256")), "d": p256_b["d"]}),
+            ValueError,
+            r"keys\[0\] is not a valid",
+        ),  # d of another key
+        (
+            lambda: static("RS256", {**rsa_public, "e": "AQ"}),
+            ValueError,
+            r"keys\[0\] is not a valid RS256 JWK",
+        ),  # e = 1
+        (
+            lambda: static("ES256", {"kty": "oct", "k": "c2VjcmV0"}),
+            ValueError,
+            r"keys\[0\] is a JWK with kty='oct'",
+        ),
+        (
+            lambda: SecretManager(
+                algorithm="ES256", keys={"keys": [p256_b, {**p256_b, "kid": "x", "use": "enc"}]}
+            ),
+            ValueError,
+            r"keys\[1\] is a JWK for use='enc'",
+        ),
+        (lambda: jwtplus.public_jwks(manager()), ValueError, "HMAC manager has no public keys"),
+        (lambda: jwtplus.jwks_handler(manager()), ValueError, "HMAC manager has no public keys"),
+    ]
+    for make, error, message in cases:
+        with pytest.raises(error, match=message):
+            make()
+
+
+# -- Refused, as tokens --
+
+
+def confusion_tokens(sm: SecretManager, kid: str, now: float) -> dict[str, str]:
+    """HS256/384/512 tokens keyed with the public key's texts (PEM, JWK JSON): PyJWT refuses to make them."""
+    jwks = jwtplus.public_jwks(sm, now=now)
+    (jwk,) = [key for key in jwks["keys"] if key["kid"] == kid]
+    texts = {"jwk json": json.dumps(jwk), "jwk json compact": json.dumps(jwk, separators=(",", ":"))}
+    texts["jwks json"] = json.dumps(jwks, separators=(",", ":"))
+    public = jwt.PyJWK(jwk).key
+    texts["pem"] = public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    texts["pem without newline"] = texts["pem"].rstrip("\n")
+    if jwk["kty"] == "RSA":
+        texts["pkcs1 pem"] = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.PKCS1
+        ).decode()
+    tokens = {}
+    for name, text in texts.items():
+        for alg, digest in (("HS256", hashlib.sha256), ("HS384", hashlib.sha384), ("HS512", hashlib.sha512)):
+            header = {"alg": alg, "typ": "JWT", "kid": kid}
+            tokens[f"{alg} keyed with {name}"] = forge(header, claims(now), key=text.encode(), digest=digest)
+    return tokens
+
+
+@pytest.mark.parametrize("algorithm", [*ALGORITHMS, "EdDSA derived"])
+async def test_hs256_tokens_keyed_with_the_public_key_are_refused(make_client: Any, algorithm: str) -> None:
+    if algorithm == "EdDSA derived":
+        sm, kid = derived(3600), str(jwtplus.period_of(NOW, 3600))
+    else:
+        key = private_key(KIND[algorithm])
+        sm, kid = static(algorithm, pem(key)), thumbprint(key)
+    client = await make_client(app=keys_app(sm))
+    control = sm.encode({"username": "ann"}, now=NOW)
+    response = await client.get("/api/me", headers=bearer(control))
+    assert response.status == 200
+    assert await response.json() == {"username": "ann"}
+    tokens = confusion_tokens(sm, kid, NOW)
+    assert len(tokens) >= 15
+    for name, token in tokens.items():
+        with pytest.raises(jwt.InvalidAlgorithmError):
+            sm.decode(token, now=NOW)
+        await assert_http_refused(client, token)
+        assert name
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE", "", None])
+async def test_alg_none_is_refused(make_client: Any, alg: str | None) -> None:
+    key = private_key("p256")
+    sm = static("ES256", pem(key))
+    client = await make_client(app=keys_app(sm))
+    header = {"alg": alg, "typ": "JWT", "kid": thumbprint(key)}
+    unsigned = f"{b64url(to_json(header))}.{b64url(to_json(claims(NOW)))}"
+    real = sm.encode({"username": "mallory"}, now=NOW).rsplit(".", 1)[1]
+    for token in (unsigned + ".", unsigned, f"{unsigned}.AAAA", f"{unsigned}.{real}"):
+        with pytest.raises(jwt.InvalidTokenError):
+            sm.decode(token, now=NOW)
+        await assert_http_refused(client, token)
+
+
+def es256_token(now: float = NOW) -> tuple[SecretManager, str, int, int]:
+    sm = static("ES256", pem(private_key("p256")))
+    token = sm.encode({"username": "ann"}, now=now)
+    raw = unb64(token.rsplit(".", 1)[1])
+    return sm, token, int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+
+
+async def test_ecdsa_signatures_are_raw_r_s_of_64_bytes_and_nothing_else(make_client: Any) -> None:
+    sm, token, r, s = es256_token()
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    client = await make_client(app=keys_app(sm))
+    assert sm.decode(token, now=NOW)["username"] == "ann"
+    assert (await client.get("/api/me", headers=bearer(token))).status == 200
+    variants = {
+        "DER": encode_dss_signature(r, s),
+        "truncated": raw[:-1],
+        "first byte dropped": raw[1:],
+        "extended": raw + b"\x00",
+        "leading zero": b"\x00" + raw,
+        "r and s as 33 bytes each": b"\x00" + raw[:32] + b"\x00" + raw[32:],
+        "s as 33 bytes": raw[:32] + b"\x00" + raw[32:],  # the same r and s, read as integers
+        "r alone": raw[:32],
+        "twice": raw * 2,
+        "P-384 sized": raw[:32].rjust(48, b"\x00") + raw[32:].rjust(48, b"\x00"),
+    }
+    assert len(variants["DER"]) != 64 or variants["DER"] != raw
+    for name, signature in variants.items():
+        forged = resign(token, signature)
+        with pytest.raises(jwt.InvalidSignatureError):
+            sm.decode(forged, now=NOW)
+        await assert_http_refused(client, forged)
+        assert name
+
+
+def test_ecdsa_signatures_with_r_or_s_zero_or_at_least_the_order_are_refused() -> None:
+    sm, token, r, s = es256_token()
+    n, top = P256_ORDER, 2**256 - 1
+    for bad_r, bad_s in (
+        (0, s),
+        (r, 0),
+        (0, 0),
+        (n, s),
+        (r, n),
+        (top, s),
+        (r, top),
+        (r + n, s) if r + n <= top else (n + 1, s),
+    ):
+        forged = resign(token, bad_r.to_bytes(32, "big") + bad_s.to_bytes(32, "big"))
+        with pytest.raises(jwt.InvalidSignatureError):
+            sm.decode(forged, now=NOW)
+
+
+async def test_an_es256_twin_signature_r_n_minus_s_carries_the_same_jti_and_dies_with_it(
+    make_client: Any,
+) -> None:
+    # NOTE: (r, n - s) is a second valid ECDSA signature of the same token (ECDSA is malleable, and
+    # PyJWT, cryptography and jose accept high s). jwtplus accepts it too, so the README's "a token has
+    # one spelling ... a re-encoded signature is not a second valid token" does not hold for ES256.
+    # What it must not do is dodge anything keyed by jti: revoking the token refuses its twin.
+    sm, token, r, s = es256_token(time.time())
+    twin = resign(token, r.to_bytes(32, "big") + (P256_ORDER - s).to_bytes(32, "big"))
+    assert twin != token
+    assert sm.decode(twin) == sm.decode(token)
+    sessions = jwtplus.Sessions(manager=sm, namespace="keys-test:")
+    helper = jwtplus.JWTHelper(secret_manager=sm, protected_apis=("/api/.*",), sessions=sessions)
+    app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
+    app.router.add_get("/api/me", who)
+    client = await make_client(app=app)
+    assert [(await client.get("/api/me", headers=bearer(t))).status for t in (token, twin)] == [200, 200]
+    await jwtplus.revoke_token(sessions, sm.decode(token))
+    assert [(await client.get("/api/me", headers=bearer(t))).status for t in (token, twin)] == [401, 401]
+
+
+def test_an_ed25519_signature_with_s_beyond_the_group_order_is_refused() -> None:
+    sm = derived(3600)
+    token = sm.encode({"username": "ann"}, now=NOW)
+    signature = unb64(token.rsplit(".", 1)[1])
+    big_s = int.from_bytes(signature[32:], "little") + ED25519_ORDER
+    assert big_s < 2**256
+    with pytest.raises(jwt.InvalidSignatureError):
+        sm.decode(resign(token, signature[:32] + big_s.to_bytes(32, "little")), now=NOW)
+    for wrong in (signature[:-1], signature + b"\x00", signature[:32]):
+        with pytest.raises(jwt.InvalidSignatureError):
+            sm.decode(resign(token, wrong), now=NOW)
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "PS256"])
+def test_rsa_signatures_of_another_length_or_beyond_the_modulus_are_refused(algorithm: str) -> None:
+    key = private_key("rsa")
+    sm = static(algorithm, pem(key))
+    token = sm.encode({"username": "ann"}, now=NOW)
+    signature = unb64(token.rsplit(".", 1)[1])
+    modulus = key.public_key().public_numbers().n
+    assert sm.decode(token, now=NOW)
+    for wrong in (
+        b"\x00" + signature,
+        signature[1:],
+        signature + b"\x00",
+        modulus.to_bytes(256, "big"),
+        (2**2048 - 1).to_bytes(256, "big"),
+        bytes(256),
+    ):
+        with pytest.raises(jwt.InvalidSignatureError):
+            sm.decode(resign(token, wrong), now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("configured", "signing"),
+    [("RS256", "PS256"), ("PS256", "RS256"), ("ES256", "EdDSA"), ("EdDSA", "ES256"), ("RS256", "ES256")],
+)
+def test_a_token_of_another_asymmetric_algorithm_is_refused(configured: str, signing: str) -> None:
+    own = private_key(KIND[configured])
+    sm = static(configured, pem(own))
+    # signed with the configured key where the algorithm allows it (RS256 and PS256 share RSA keys)
+    key = own if KIND[configured] == KIND[signing] else private_key(KIND[signing])
+    token = signed(signing, key, {"alg": signing, "kid": thumbprint(own)}, claims(NOW))
+    with pytest.raises(jwt.InvalidAlgorithmError):
+        sm.decode(token, now=NOW)
+
+
+STATIC_KIDS: list[Any] = [
+    "nope",
+    "",
+    None,
+    123,
+    ["kid"],
+    {"kid": "x"},
+    "../../../../etc/passwd",
+    "..%2F..%2Fkeys",
+    "https://evil.example/jwks.json",
+    "\u0000",
+    "k" * 4000,
+]
+
+
+async def test_a_static_token_whose_kid_names_no_key_is_refused(make_client: Any) -> None:
+    key = private_key("p256")
+    sm = static("ES256", pem(key))
+    client = await make_client(app=keys_app(sm))
+    real = thumbprint(key)
+    kids = [
+        *STATIC_KIDS,
+        DROP,
+        real.upper(),
+        real + " ",
+        " " + real,
+        real[:-1],
+        thumbprint(private_key("p256-b")),
+    ]
+    for kid in kids:
+        token = signed("ES256", key, hdr(alg="ES256", kid=kid), claims(NOW))
+        with pytest.raises(jwtplus.KeyIdError):
+            sm.decode(token, now=NOW)
+        await assert_http_refused(client, token)
+    control = signed("ES256", key, hdr(alg="ES256", kid=real), claims(NOW))
+    assert sm.decode(control, now=NOW)["username"] == "mallory"
+    huge = signed("ES256", key, hdr(alg="ES256", kid="k" * 7000), claims(NOW))
+    with pytest.raises(jwtplus.TokenTooLargeError):
+        sm.decode(huge, now=NOW)
+
+
+async def test_a_derived_token_whose_kid_is_not_exactly_its_period_is_refused(make_client: Any) -> None:
+    sm = derived(3600)
+    period = jwtplus.period_of(NOW, 3600)
+    seed = ed25519.Ed25519PrivateKey.from_private_bytes(jwtplus.key_for_period(sm, period))
+    client = await make_client(app=keys_app(sm))
+    kids: list[Any] = [
+        *STATIC_KIDS,
+        DROP,
+        period,
+        float(period),
+        f"0{period}",
+        f"{period}.0",
+        f" {period}",
+        f"{period}\n",
+        f"+{period}",
+        f"../{period}",
+        f"{period}/../{period + 1}",
+        str(period).translate(ARABIC_INDIC),
+        str(period).translate(FULLWIDTH),
+        "9" * 16,
+    ]
+    for kid in kids:
+        token = signed("EdDSA", seed, hdr(alg="EdDSA", kid=kid), claims(NOW))
+        with pytest.raises(jwtplus.KeyIdError):
+            sm.decode(token, now=NOW)
+        await assert_http_refused(client, token)
+    control = signed("EdDSA", seed, hdr(alg="EdDSA", kid=str(period)), claims(NOW))
+    assert sm.decode(control, now=NOW)["username"] == "mallory"
+    with pytest.raises(jwt.InvalidSignatureError):  # the right key under the next period's kid
+        sm.decode(signed("EdDSA", seed, hdr(alg="EdDSA", kid=str(period + 1)), claims(NOW)), now=NOW - 1)
+
+
+@pytest.mark.parametrize("member", ["jwk", "jku", "x5u", "x5c"])
+def test_a_key_the_token_brings_in_its_header_is_never_used(member: str) -> None:
+    ours, attacker = private_key("p256"), private_key("p256-b")
+    sm = static("ES256", pem(ours))
+    embedded: Any = {
+        "jwk": jwk_of(attacker, private=False),
+        "jku": "https://evil.example/jwks.json",
+        "x5u": "https://evil.example/cert.pem",
+        "x5c": ["MIIB"],
+    }[member]
+    for kid in (thumbprint(ours), thumbprint(attacker), DROP):
+        token = signed("ES256", attacker, hdr(alg="ES256", kid=kid, **{member: embedded}), claims(NOW))
+        with pytest.raises(jwt.InvalidTokenError):
+            sm.decode(token, now=NOW)
+
+
+# -- `import jwtplus` without cryptography --
+
+NO_CRYPTOGRAPHY = """\
+import sys
+
+sys.modules["cryptography"] = None  # as if it were not installed: every import of it fails
+import jwtplus
+
+sm = jwtplus.SecretManager(secret=b"k" * 32)
+assert sm.decode(sm.encode({"username": "ann"}))["username"] == "ann"
+rotating = jwtplus.SecretManager(secret=b"k" * 32, refresh_interval=60, exptime="5m")
+assert rotating.decode(rotating.encode({"username": "bob"}))["username"] == "bob"
+for make in (
+    lambda: jwtplus.SecretManager(algorithm="EdDSA"),
+    lambda: jwtplus.SecretManager(secret=b"k" * 32, algorithm="EdDSA", refresh_interval=60, exptime="5m"),
+    lambda: jwtplus.SecretManager(algorithm="ES256", keys=["-----BEGIN PUBLIC KEY-----"]),
+):
+    try:
+        make()
+    except ImportError as exc:
+        print("ImportError:", exc)
+    else:
+        raise SystemExit("an asymmetric manager was built without cryptography")
+print("HMAC OK")
+"""
+
+
+async def test_jwtplus_imports_and_signs_hmac_without_cryptography(tmp_path: Path) -> None:
+    script = tmp_path / "no_cryptography.py"
+    script.write_text(NO_CRYPTOGRAPHY)
+    code, out, err = await run_script(script)
+    assert code == 0, (out, err)
+    lines = out.splitlines()
+    assert lines[-1] == "HMAC OK", out
+    errors = [line for line in lines if line.startswith("ImportError:")]
+    assert len(errors) == 3, out
+    assert all("pip install 'aiohttp-jwtplus[crypto]'" in line for line in errors), out
+    assert err == ""
+
+
+# -- The JWKS handler --
+
+
+JWKS_MANAGERS: dict[str, Callable[[], SecretManager]] = {
+    "EdDSA derived": lambda: derived(60, "5m"),
+    "EdDSA one key": lambda: derived(0),
+    "EdDSA static private JWK": lambda: static("EdDSA", jwk_of(private_key("ed25519"))),
+    "ES256 static private PEM": lambda: static("ES256", pem(private_key("p256-b")), pem(private_key("p256"))),
+    "ES256 static private JWK": lambda: static("ES256", jwk_of(private_key("p256"))),
+    "RS256 static private PEM": lambda: static("RS256", pem(private_key("rsa"))),
+    "RS256 static private JWK": lambda: static(
+        "RS256", jwk_of(private_key("rsa-b")), jwk_of(private_key("rsa"))
+    ),
+    "PS256 static private JWK": lambda: static("PS256", jwk_of(private_key("rsa"))),
+}
+
+
+PUBLIC_MEMBERS = {"OKP": {"crv", "x"}, "EC": {"crv", "x", "y"}, "RSA": {"e", "n"}}
+
+
+@pytest.mark.parametrize("name", list(JWKS_MANAGERS))
+async def test_the_jwks_publishes_public_members_only(make_client: Any, name: str) -> None:
+    sm = JWKS_MANAGERS[name]()
+    client = await make_client(app=keys_app(sm))
+    response = await client.get(JWKS_PATH)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/jwk-set+json"
+    body = await response.read()
+    document = json.loads(body)
+    assert document == jwtplus.public_jwks(sm, now=NOW)
+    assert list(document) == ["keys"]
+    assert document["keys"]
+    for key in document["keys"]:
+        assert key["use"] == "sig"
+        assert key["alg"] == sm.algorithm
+        assert isinstance(key["kid"], str)
+        assert key["kid"]
+        assert not set(PRIVATE_MEMBERS) & set(key), key
+        assert set(key) == {"kty", "kid", "alg", "use", *PUBLIC_MEMBERS[key["kty"]]}, key
+    for value in sm.keys:  # not one private value anywhere in the body
+        if isinstance(value, dict):
+            for member in PRIVATE_MEMBERS:
+                if member in value:
+                    assert value[member].encode() not in body
+    if sm.algorithm == "EdDSA" and sm.rotation_seconds:
+        for key in document["keys"]:
+            seed = jwtplus.key_for_period(sm, int(key["kid"]))
+            assert b64url(seed) not in body.decode()
+
+
+def period_start(interval: int, now: float = NOW) -> int:
+    return jwtplus.period_of(now, interval) * interval
+
+
+@pytest.mark.parametrize(("offset", "max_age"), [(0, 60), (1, 59), (30, 30), (59, 1), (59.5, 0), (0.25, 59)])
+async def test_the_jwks_cache_control_lasts_until_the_period_ends(
+    make_client: Any, offset: float, max_age: int
+) -> None:
+    sm = derived(60, "5m")
+    now = period_start(60) + offset
+    client = await make_client(app=keys_app(sm, lambda: now))
+    response = await client.get(JWKS_PATH)
+    assert response.headers["Cache-Control"] == f"public, max-age={max_age}"
+    assert max_age <= 60
+    assert max_age <= period_start(60) + 60 - now < max_age + 1
+
+
+@pytest.mark.parametrize("name", [name for name in JWKS_MANAGERS if name != "EdDSA derived"])
+async def test_static_and_unrotated_jwks_are_cached_five_minutes(make_client: Any, name: str) -> None:
+    client = await make_client(app=keys_app(JWKS_MANAGERS[name]()))
+    assert (await client.get(JWKS_PATH)).headers["Cache-Control"] == "public, max-age=300"
+
+
+async def test_the_jwks_etag_answers_if_none_match_with_304(make_client: Any) -> None:
+    clock = FixedClock(period_start(60) + 10)
+    sm = derived(60, "5m")
+    client = await make_client(app=keys_app(sm, clock))
+    first = await client.get(JWKS_PATH)
+    body, etag = await first.read(), first.headers["ETag"]
+    assert re.fullmatch(r'"[A-Za-z0-9_-]+"', etag), etag  # strong
+    for tag in (etag, f'"other", {etag}', "*"):
+        again = await client.get(JWKS_PATH, headers={"If-None-Match": tag})
+        assert again.status == 304, tag
+        assert await again.read() == b""
+        assert again.headers["ETag"] == etag
+        assert again.headers["Cache-Control"] == "public, max-age=50"
+    for tag in ('"other"', etag.strip('"'), etag[:-2] + '"', ""):
+        fresh = await client.get(JWKS_PATH, headers={"If-None-Match": tag})
+        assert fresh.status == 200, tag
+        assert await fresh.read() == body
+    clock.now += 60  # the next period: another set, another tag, and the old tag gets it whole
+    rotated = await client.get(JWKS_PATH, headers={"If-None-Match": etag})
+    assert rotated.status == 200
+    assert rotated.headers["ETag"] != etag
+    assert await rotated.read() != body
+    static_client = await make_client(app=keys_app(static("ES256", pem(private_key("p256")))))
+    tag = (await static_client.get(JWKS_PATH)).headers["ETag"]
+    assert (await static_client.get(JWKS_PATH, headers={"If-None-Match": tag})).status == 304
+
+
+def expected_periods(interval: int, exptime: float, leeway: float, now: float) -> list[int]:
+    """The window formula, from the spec: n·R <= now + leeway and now < (n+1)·R + exptime + leeway;
+    and ahead, each period a clock the leeway ahead reaches before this one ends (the next, at least)."""
+    current = int(now // interval)
+    holding = {
+        n
+        for n in range(current - 2 * int(exptime // interval) - 10, current + 10)
+        if n * interval <= now + leeway and now < (n + 1) * interval + exptime + leeway
+    }
+    ahead = range(current + 1, int(((current + 1) * interval + leeway) // interval) + 1)
+    return sorted(holding | {current + 1, *ahead})
+
+
+JWKS_CONFIGS = [(60, 300, 0), (60, 300, 5), (60, 90, 0), (60, 61, 0), (2, 10, 0), (10, 25, 12), (100, 250, 0)]
+
+
+def offsets(interval: int) -> list[float]:
+    return [0, 0.001, 0.5, 1, interval / 2, interval - 1, interval - 0.001]
+
+
+@pytest.mark.parametrize(("interval", "exptime", "leeway"), JWKS_CONFIGS)
+async def test_the_jwks_holds_exactly_the_periods_in_their_window_and_those_ahead(
+    make_client: Any, interval: int, exptime: int, leeway: int
+) -> None:
+    sm = derived(interval, exptime, leeway=leeway)
+    clock = FixedClock(NOW)
+    client = await make_client(app=keys_app(sm, clock))
+    for base in (period_start(interval), period_start(interval) + interval * 7):
+        for offset in offsets(interval):
+            clock.now = now = base + offset
+            kids = [key["kid"] for key in jwtplus.public_jwks(sm, now=now)["keys"]]
+            assert kids == [str(n) for n in expected_periods(interval, exptime, leeway, now)], now
+            served = json.loads(await (await client.get(JWKS_PATH)).read())
+            assert [key["kid"] for key in served["keys"]] == kids, now
+
+
+@pytest.mark.parametrize(("interval", "exptime", "leeway"), JWKS_CONFIGS)
+def test_the_jwks_verifies_every_token_the_manager_accepts(interval: int, exptime: int, leeway: int) -> None:
+    sm = derived(interval, exptime, leeway=leeway)
+    accepted = 0
+    for offset in offsets(interval):
+        now = period_start(interval) + offset
+        published = {key["kid"]: jwt.PyJWK(key).key for key in jwtplus.public_jwks(sm, now=now)["keys"]}
+        current = jwtplus.period_of(now, interval)
+        for n in range(current - exptime // interval - 3, current + 3):
+            for minted in (n * interval, n * interval + interval / 2, (n + 1) * interval - 0.001):
+                if minted > now + leeway:
+                    continue
+                token = sm.encode({"username": "ann"}, now=minted)
+                try:
+                    sm.decode(token, now=now)
+                except jwt.InvalidTokenError:
+                    continue
+                accepted += 1
+                kid = jwt.get_unverified_header(token)["kid"]
+                assert kid in published, (now, minted)
+                claims_ = jwt.decode(token, published[kid], algorithms=["EdDSA"], options=PYJWT_ANY_TIME)
+                assert claims_["username"] == "ann"
+    assert accepted >= len(offsets(interval)) * (exptime // interval)
+
+
+CACHE_CONFIGS = [
+    *JWKS_CONFIGS[:5],
+    (10, 25, 12),  # a leeway longer than the period: found publishing too few periods ahead
+    (2, 10, 2),
+    (2, 10, 3),
+]
+
+
+@pytest.mark.parametrize(("interval", "exptime", "leeway"), CACHE_CONFIGS)
+async def test_a_jwks_cached_for_its_max_age_verifies_every_token_the_manager_accepts_meanwhile(
+    make_client: Any, interval: int, exptime: int, leeway: int
+) -> None:
+    # With leeway > refresh_interval, a clock up to leeway ahead mints in period current + 2 (or later)
+    # before the set fetched now expires: the set must hold those keys too.
+    sm = derived(interval, exptime, leeway=leeway)
+    clock = FixedClock(NOW)
+    client = await make_client(app=keys_app(sm, clock))
+    checked = 0
+    for fetched in [period_start(interval) + offset for offset in offsets(interval)]:
+        clock.now = fetched
+        response = await client.get(JWKS_PATH)
+        max_age = int(response.headers["Cache-Control"].removeprefix("public, max-age="))
+        cached = {key["kid"] for key in json.loads(await response.read())["keys"]}
+        for later in {fetched, fetched + max_age / 2, fetched + max_age - 0.001} if max_age else ():
+            newest = jwtplus.period_of(later + leeway, interval)
+            for n in range(newest - exptime // interval - 3, newest + 1):
+                minted = min(later + leeway, (n + 1) * interval - 0.001)
+                token = sm.encode({"username": "ann"}, now=minted)
+                try:
+                    sm.decode(token, now=later)
+                except jwt.InvalidTokenError:
+                    continue
+                checked += 1
+                kid = jwt.get_unverified_header(token)["kid"]
+                assert kid in cached, f"fetched at {fetched} (max-age {max_age}), a token of {kid} at {later}"
+    assert checked > 0
+
+
+async def test_the_jwks_is_reachable_under_a_protected_pattern_with_any_token(make_client: Any) -> None:
+    sm = derived(60, "5m")
+    client = await make_client(app=keys_app(sm))
+    expired = sm.encode({"username": "ann"}, now=NOW - 3600)
+    good = sm.encode({"username": "ann"}, now=NOW)
+    headers: list[dict[str, str]] = [
+        {},
+        bearer("garbage"),
+        bearer(expired),
+        bearer(tampered(good)),
+        {"Authorization": "Basic Zm9vOmJhcg=="},
+        bearer(good),
+    ]
+    for header in headers:
+        response = await client.get(JWKS_PATH, headers=header)
+        assert response.status == 200, header
+        assert json.loads(await response.read()) == jwtplus.public_jwks(sm, now=NOW)
+        assert (await client.head(JWKS_PATH, headers=header)).status == 200
+    for header in headers[:-1]:  # the pattern does protect: /.well-known/other is not the handler
+        assert (await client.get("/.well-known/other", headers=header)).status == 401, header
+        assert (await client.get("/api/me", headers=header)).status == 401, header
 
 
 # ---- Token getters and identifiers ----
@@ -6210,6 +7213,284 @@ async def test_two_servers_accept_each_others_tokens_across_a_rotation_boundary(
             status, _ = await fetch(server.url + "/me", {"Authorization": f"Bearer {token}"})
             assert status == 401, (server.name, why, server.logs())
         assert (await fetch(server.url + "/me"))[0] == 401
+
+
+# -- PyJWT's PyJWKClient against the real handler --
+
+
+@pytest.mark.parametrize("kind", ["EdDSA derived", "ES256", "RS256"])
+async def test_pyjwkclient_verifies_jwtplus_tokens_from_the_handler(aiohttp_server: Any, kind: str) -> None:
+    if kind == "EdDSA derived":
+        sm = derived(60, "5m")
+    else:
+        sm = static(kind, pem(private_key(KIND[kind] + "-b"), private=False), pem(private_key(KIND[kind])))
+    server = await aiohttp_server(keys_app(sm, time.time))
+    assert server.host == "127.0.0.1"
+    url = str(server.make_url(JWKS_PATH))
+    client = jwt.PyJWKClient(url, cache_jwk_set=True, lifespan=1, cooldown_duration=0)
+    now = time.time()
+    tokens = {"now": sm.encode({"username": "now"}, now=now)}
+    if sm.rotation_seconds:
+        tokens["previous period"] = sm.encode({"username": "previous period"}, now=now - 60)
+        assert len({jwt.get_unverified_header(t)["kid"] for t in tokens.values()}) == 2
+    for username, token in tokens.items():
+        key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
+        assert jwt.decode(token, key, algorithms=[sm.algorithm])["username"] == username
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(tampered(token), key, algorithms=[sm.algorithm])
+    if sm.rotation_seconds:  # the next period's key is there before its first token
+        upcoming = str(jwtplus.period_of(now, 60) + 1)
+        assert (await asyncio.to_thread(client.get_signing_key, upcoming)).key_id == upcoming
+    else:
+        old = thumbprint(private_key(KIND[kind] + "-b"))
+        assert (await asyncio.to_thread(client.get_signing_key, old)).key_id == old
+
+
+# -- Two real servers, one secret, rotating EdDSA keys --
+
+KEYS_SERVER = '''\
+"""Rotating EdDSA keys derived from JWTPLUS_TEST_SECRET: /mint, /me (protected) and the JWKS."""
+
+import argparse
+import os
+
+from aiohttp import web
+
+import jwtplus
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--host", default="127.0.0.1")
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--name", required=True)
+args = parser.parse_args()
+
+manager = jwtplus.SecretManager(
+    secret=os.environ["JWTPLUS_TEST_SECRET"], algorithm="EdDSA", refresh_interval=2, exptime="10s"
+)
+rules = jwtplus.RoutingRules(whitelist=("/mint",), protected_apis=("/me", "/.well-known/.*"))
+
+
+async def mint(request: web.Request) -> web.Response:
+    return web.Response(text=manager.encode({"username": "user-of-" + args.name}))
+
+
+async def me(request: web.Request) -> web.Response:
+    return web.json_response({"server": args.name, "username": request[jwtplus.AUTH_CLAIMS]["username"]})
+
+
+app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=manager, rules=rules)])
+app.router.add_get("/mint", mint)
+app.router.add_get("/me", me)
+app.router.add_get("/.well-known/jwks.json", jwtplus.jwks_handler(manager))
+web.run_app(app, host=args.host, port=args.port, print=None)
+'''
+KEYS_INTERVAL = 2
+KEYS_EXPTIME = 10
+MINT_SECONDS = 5.0  # at least two period boundaries of 2 s
+
+
+@dataclass
+class KeyServers:
+    secret: str
+    servers: list[Server]
+
+    def manager(self, secret: str | None = None) -> SecretManager:
+        return SecretManager(
+            secret=secret or self.secret, algorithm="EdDSA", refresh_interval=KEYS_INTERVAL, exptime="10s"
+        )
+
+
+@pytest.fixture
+async def key_servers(spawn: Spawn, tmp_path: Path) -> KeyServers:
+    secret = secrets.token_urlsafe(32)
+    script = tmp_path / "keys_server.py"
+    script.write_text(KEYS_SERVER)
+    env = {"JWTPLUS_TEST_SECRET": secret}
+    return KeyServers(secret, [await spawn(name, script, "--name", name, env=env) for name in ("A", "B")])
+
+
+class MintedToken(NamedTuple):
+    server: str
+    token: str
+    kid: int
+
+
+class PublishedSet(NamedTuple):
+    before: float
+    after: float
+    bodies: tuple[bytes, ...]
+
+
+async def get_bytes(session: ClientSession, url: str) -> bytes:
+    async with session.get(url) as response:
+        assert response.status == 200, url
+        return await response.read()
+
+
+async def mint_across_boundaries(
+    servers: list[Server], verify: Callable[[str], Awaitable[None]]
+) -> tuple[list[MintedToken], list[PublishedSet]]:
+    """For MINT_SECONDS, mint on every server and fetch every JWKS at once, handing each token to
+    *verify* as it comes (so a verifier meets each new period's first tokens)."""
+    minted: list[MintedToken] = []
+    published: list[PublishedSet] = []
+    deadline = time.monotonic() + MINT_SECONDS
+    async with ClientSession(timeout=HTTP_TIMEOUT) as session:
+        while time.monotonic() < deadline:
+            tokens = await asyncio.gather(*(get_bytes(session, s.url + "/mint") for s in servers))
+            for server, token in zip(servers, tokens, strict=True):
+                text = token.decode()
+                minted.append(MintedToken(server.name, text, int(jwt.get_unverified_header(text)["kid"])))
+                await verify(text)
+            before = time.time()
+            bodies = await asyncio.gather(*(get_bytes(session, s.url + JWKS_PATH) for s in servers))
+            published.append(PublishedSet(before, time.time(), tuple(bodies)))
+            await asyncio.sleep(0.2)
+    assert len({m.kid for m in minted}) >= 3, "two period boundaries crossed"
+    return minted, published
+
+
+def check_published(keys: KeyServers, minted: list[MintedToken], published: list[PublishedSet]) -> None:
+    ours = keys.manager()
+    same_period = [p for p in published if period_of_time(p.before) == period_of_time(p.after)]
+    assert len({period_of_time(p.before) for p in same_period}) >= 3
+    for entry in same_period:
+        assert len(set(entry.bodies)) == 1, entry  # A and B publish byte for byte the same set
+        expected = jwtplus.public_jwks(ours, now=entry.before)
+        assert json.loads(entry.bodies[0]) == expected
+        kids = [int(key["kid"]) for key in expected["keys"]]
+        assert period_of_time(entry.before) + 1 in kids  # the next period, ahead of its first token
+    all_kids = {int(k["kid"]) for p in published for body in p.bodies for k in json.loads(body)["keys"]}
+    assert {m.kid for m in minted} <= all_kids
+
+
+def period_of_time(instant: float) -> int:
+    return jwtplus.period_of(instant, KEYS_INTERVAL)
+
+
+async def test_pyjwkclient_verifies_two_rotating_servers_tokens_across_boundaries(
+    key_servers: KeyServers,
+) -> None:
+    a, b = key_servers.servers
+    # lifespan=1 s, under the 2 s period (the longest max-age the handler sends: PyJWKClient ignores
+    # Cache-Control), and a cooldown that never lets an unknown kid force a refetch: every key must
+    # already be in the set cached, the next period's included.
+    client = jwt.PyJWKClient(a.url + JWKS_PATH, cache_jwk_set=True, lifespan=1, cooldown_duration=3600)
+
+    async def verify(token: str) -> None:
+        key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
+        assert jwt.decode(token, key, algorithms=["EdDSA"])["username"].startswith("user-of-")
+
+    minted, published = await mint_across_boundaries(key_servers.servers, verify)
+    for token in [m.token for m in minted]:  # and all of them again, now that periods have passed
+        await verify(token)
+    assert {m.server for m in minted} == {"A", "B"}
+    check_published(key_servers, minted, published)
+    async with ClientSession(timeout=HTTP_TIMEOUT) as session:  # and each server takes the other's
+        for m in (minted[0], minted[-1]):
+            for server in (a, b):
+                async with session.get(server.url + "/me", headers=bearer(m.token)) as response:
+                    assert response.status == 200, (m, server.logs())
+                    assert (await response.json())["username"] == "user-of-" + m.server
+    forged = key_servers.manager(secrets.token_urlsafe(32)).encode({"username": "mallory"})
+    with pytest.raises(jwt.InvalidSignatureError):
+        await verify(forged)
+
+
+# -- Node's jose against the two servers --
+
+JOSE_VERIFY = ROOT / ".ci" / "peers" / "jose_verify.mjs"
+NODE = shutil.which("node")
+
+
+class JoseVerifier:
+    """node .ci/peers/jose_verify.mjs: one token a line in, one JSON answer a line out."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(token.encode() + b"\n")
+        await self.proc.stdin.drain()
+        line = await asyncio.wait_for(self.proc.stdout.readline(), RUN_TIMEOUT)
+        assert line, "jose_verify.mjs exited"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+
+@contextlib.asynccontextmanager
+async def jose_verifier(*args: str) -> AsyncIterator[JoseVerifier]:
+    if NODE is None or not (ROOT / "node_modules" / "jose").is_dir():
+        pytest.skip("needs node and node_modules/jose: run npm ci (CI installs them)")
+    proc = await asyncio.create_subprocess_exec(
+        NODE,
+        str(JOSE_VERIFY),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)
+        assert ready == b"ready\n", ready
+        yield JoseVerifier(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def test_jose_verifies_two_rotating_servers_tokens_across_boundaries_and_refuses_forgeries(
+    key_servers: KeyServers,
+) -> None:
+    a, _ = key_servers.servers
+    # jose's own cooldown (30 s) and a cache of 1 s, under the 2 s period: as with PyJWKClient, a
+    # token whose kid is not in the cached set would fail, not be saved by a refetch.
+    args = ("--jwks-url", a.url + JWKS_PATH, "--algorithms", "EdDSA", "--cache-max-age-ms", "1000")
+    async with jose_verifier(*args) as jose:
+        answers: list[tuple[str, dict[str, Any]]] = []
+
+        async def verify(token: str) -> None:
+            answers.append((token, await jose.verify(token)))
+
+        minted, published = await mint_across_boundaries(key_servers.servers, verify)
+        for m in minted:
+            answers.append((m.token, await jose.verify(m.token)))
+        by_token = {m.token: m for m in minted}
+        for token, answer in answers:
+            m = by_token[token]
+            assert answer["ok"] is True, (m, answer)
+            assert answer["kid"] == str(m.kid)
+            assert answer["payload"]["username"] == "user-of-" + m.server
+        check_published(key_servers, minted, published)
+
+        ours = key_servers.manager()
+        good = ours.encode({"username": "ann"})
+        assert (await jose.verify(good))["ok"] is True
+        refused = {
+            "another secret": key_servers.manager(secrets.token_urlsafe(32)).encode({"username": "mallory"}),
+            "tampered": tampered(good),
+            "a retired period": ours.encode({"username": "ann"}, now=time.time() - 60),
+            "HS256 keyed with the JWK": next(
+                iter(confusion_tokens(ours, good_kid(good), time.time()).values())
+            ),
+            "expired": ours.encode({"username": "ann", "exp": int(time.time()) - 5}),
+        }
+        for why, token in refused.items():
+            answer = await jose.verify(token)
+            assert answer["ok"] is False, (why, answer)
+            assert answer["code"].startswith("ERR_"), (why, answer)
+        assert (await jose.verify(refused["another secret"]))[
+            "code"
+        ] == "ERR_JWS_SIGNATURE_VERIFICATION_FAILED"
+
+
+def good_kid(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
 
 
 # -- A real browser against the SPA demo --

@@ -1,11 +1,13 @@
 """Instructions per request, counted by valgrind's callgrind: the same on a busy machine as on a quiet one.
 
-    python bench/instructions.py [--modes bare,passthrough,jwtplus,jwtplus-setup] [--requests 1000]
+    python bench/instructions.py [--modes bare,jwtplus-setup,jwtplus-jwks] [--requests 1000]
 
 Each mode's server (bench/servers.py, asyncio) runs under callgrind twice, answering
 200 and then 200 + --requests requests with the reused token over one keep-alive
 connection, then exits; the difference of the two totals, divided by --requests, is
 what one request costs, start-up and shut-down cancelled out. Needs valgrind.
+jwtplus-jwks gets an RS256 token of its identity provider, whose RSA key is made
+once per run (its JWK Set is fetched before the server listens: bench/servers.py).
 
 String hashing is randomised per process, and dict and set layouts with it: the same
 code counts a few thousand instructions more or less from run to run. So each count is
@@ -30,6 +32,9 @@ from pathlib import Path
 import jwtplus
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from servers import IDP_CLAIMS, MODES, idp_manager, new_idp_key  # noqa: E402
+
 SECRET = "bench secret of more than thirty-two bytes"  # noqa: S105 (a benchmark's own key)
 BASE = 200
 BENCH_NOW = int(time.time()) // 86400 * 86400  # the same token all day: fixed jti, fixed instant
@@ -67,12 +72,13 @@ def drive(port: int, requests: int, token: str, timeout: float = 600) -> None:
                 raise RuntimeError(f"not a 200: {answer[:200]!r}")
 
 
-def instructions(mode: str, requests: int, token: str, directory: Path, seed: int) -> int:
+def instructions(mode: str, requests: int, token: str, idp_key: str, directory: Path, seed: int) -> int:
     """Total instructions of one server run under callgrind that answers *requests* requests."""
     port = free_port()
     env = {
         **os.environ,
         "BENCH_SECRET": SECRET,
+        "BENCH_IDP_KEY": idp_key,
         "BENCH_EXIT_AFTER": str(requests),
         "BENCH_PORT": str(port),
         "PYTHONHASHSEED": str(seed),
@@ -105,23 +111,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--modes", default="bare,passthrough,jwtplus,jwtplus-setup")
+    parser.add_argument("--modes", default="bare,passthrough,jwtplus,jwtplus-setup,jwtplus-jwks")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seeds", default="0,1,2", help="PYTHONHASHSEED values; the median is reported")
     parser.add_argument("--output", type=Path, help="append the table to this Markdown file")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench/instructions.py needs valgrind (Debian: apt-get install valgrind)")
-    token = jwtplus.SecretManager(secret=SECRET).encode({"username": "bench", "jti": "bench"}, now=BENCH_NOW)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     modes = args.modes.split(",")
+    if unknown := [mode for mode in modes if mode not in MODES]:
+        sys.exit(f"bench/instructions.py: unknown modes {', '.join(unknown)}: choose from {', '.join(MODES)}")
+    hs256 = jwtplus.SecretManager(secret=SECRET).encode({"username": "bench", "jti": "bench"}, now=BENCH_NOW)
+    idp_key = new_idp_key() if "jwtplus-jwks" in modes else ""
+    rs256 = idp_manager(idp_key).encode({**IDP_CLAIMS, "jti": "bench"}, now=BENCH_NOW) if idp_key else ""
     per_request: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for mode in modes:
             counts = []
             for seed in seeds:
-                low = instructions(mode, BASE, token, Path(scratch), seed)
-                high = instructions(mode, BASE + args.requests, token, Path(scratch), seed)
+                token = rs256 if mode == "jwtplus-jwks" else hs256
+                low = instructions(mode, BASE, token, idp_key, Path(scratch), seed)
+                high = instructions(mode, BASE + args.requests, token, idp_key, Path(scratch), seed)
                 counts.append((high - low) / args.requests)
             per_request[mode] = statistics.median(counts)
             each = ", ".join(f"{count:,.0f}" for count in counts)

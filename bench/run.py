@@ -12,7 +12,11 @@ server gets its own run of the token file, so no server sees a token twice while
 Before every measured run one real request checks that the mode answers 200 "Hello, world" to the
 token: a mode answering 401 aborts the benchmark, since a benchmark of refused requests measures
 nothing. A wrk run with any non-2xx answer or socket error aborts it too. A micro benchmark of
-encode and decode against PyJWT called directly comes first.
+encode and decode against PyJWT called directly comes first (HS256; EdDSA, ES256 and RS256 with one
+key on both sides; jwtplus's verified-token cache in front of EdDSA); --micro-only runs just that.
+
+Every mode gets HS256 tokens minted by jwtplus with the servers' secret, except jwtplus-jwks, a
+resource server that gets RS256 tokens of its stand-in identity provider (bench/servers.py).
 
 Settings (flags, or BENCH_* environment variables; see --help). A quick look:
 BENCH_ROUNDS=1 BENCH_DURATION=2 make bench.
@@ -45,7 +49,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
 import jwt
 
@@ -53,14 +57,18 @@ import jwtplus
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from servers import BODY, LOOPS, MODE_LABELS, MODES, PATH  # noqa: E402
+from servers import BODY, IDP_CLAIMS, LOOPS, MODE_LABELS, MODES, PATH, idp_manager, new_idp_key  # noqa: E402
 
 PATTERNS = ("reused", "fresh")
-TOKEN_MODES = frozenset({"jwtplus", "jwtplus-setup", "aiohttp-jwt", "pyjwt"})
+TOKEN_MODES = frozenset({"jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt"})
 """Modes that verify the token, so a repeated "fresh" token could be a cache hit for them."""
 OPTIONAL_MODES = frozenset({"aiohttp-jwt"})
 """Peers left out (with the reason printed) when they cannot even start; anything else aborts."""
 CLAIMS = {"username": "bench"}
+IDP_MODES = frozenset({"jwtplus-jwks"})
+"""Modes that verify RS256 tokens of the stand-in identity provider instead of HS256 ones."""
+MICRO_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+MICRO_ISSUER, MICRO_AUDIENCE = "https://issuer.bench.invalid", "bench-api"
 TIMES = "\N{MULTIPLICATION SIGN}"
 FRESH_PER_SECOND = 40_000
 """A fresh run gets at most this many tokens per second of it: more than any server here serves."""
@@ -106,8 +114,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--server-cpu", type=int, default=int(_env("SERVER_CPU", "0")), help="CPU of the servers (0)")
     add("--wrk-cpu", type=int, default=int(_env("WRK_CPU", "1")), help="CPU of wrk (1)")
     add("--no-micro", action="store_true", default=_env("MICRO", "1") == "0", help="skip (BENCH_MICRO=0)")
+    add(
+        "--micro-only",
+        action="store_true",
+        help="run only the micro benchmark, print its table, write nothing",
+    )
     add("--output", type=Path, default=Path(_env("OUTPUT", str(HERE / "results.md"))), help="report file")
     args = p.parse_args(argv)
+    if args.no_micro and args.micro_only:
+        p.error("--no-micro and --micro-only exclude each other")
     if "bare" not in args.modes:
         p.error("--modes must include bare: every ratio is to bare aiohttp")
     if args.rounds < 1 or args.duration <= 0 or args.warmup < 0 or args.connections < 1:
@@ -181,10 +196,25 @@ class MicroRow:
 
 
 def per_call_us(func: Callable[[], object], repeat: int = 7) -> float:
-    """Median over *repeat* timings of about 0.2 s each, in microseconds per call."""
-    timer = timeit.Timer(func)
+    """Median over *repeat* timings of about 0.2 s each, in CPU microseconds per call: the process's own
+    CPU time, which a neighbour stealing the core does not inflate."""
+    timer = timeit.Timer(func, timer=time.process_time)
     number, _ = timer.autorange()
     return statistics.median(timer.repeat(repeat=repeat, number=number)) / number * 1e6
+
+
+def compare(
+    operation: str, ours: Callable[[], object], theirs: Callable[[], object], repeat: int = 7
+) -> MicroRow:
+    """*ours* (jwtplus) and *theirs* (PyJWT) timed in turns, *repeat* timings of about 0.2 s each, so
+    that what a neighbour does to the caches falls on both sides alike; the medians, in CPU µs per call."""
+    timers = [timeit.Timer(ours, timer=time.process_time), timeit.Timer(theirs, timer=time.process_time)]
+    numbers = [timer.autorange()[0] for timer in timers]
+    times: list[list[float]] = [[], []]
+    for _ in range(repeat):
+        for timer, number, seconds in zip(timers, numbers, times, strict=True):
+            seconds.append(timer.timeit(number) / number * 1e6)
+    return MicroRow(operation, statistics.median(times[0]), statistics.median(times[1]))
 
 
 def micro(secret: str) -> tuple[list[MicroRow], float]:
@@ -195,19 +225,107 @@ def micro(secret: str) -> tuple[list[MicroRow], float]:
     if jwt.decode(token, secret, algorithms=["HS256"]) != claims:
         raise BenchError("PyJWT and jwtplus read different claims from the same token")
     rows = [
-        MicroRow(
-            "encode",
-            per_call_us(lambda: manager.encode(CLAIMS)),
-            per_call_us(lambda: jwt.encode(claims, secret, algorithm="HS256")),
+        compare(
+            "HS256 encode",
+            lambda: manager.encode(CLAIMS),
+            lambda: jwt.encode(claims, secret, algorithm="HS256"),
         ),
-        MicroRow(
-            "decode",
-            per_call_us(lambda: manager.decode(token)),
-            per_call_us(lambda: jwt.decode(token, secret, algorithms=["HS256"])),
+        compare(
+            "HS256 decode",
+            lambda: manager.decode(token),
+            lambda: jwt.decode(token, secret, algorithms=["HS256"]),
         ),
     ]
+    for algorithm in MICRO_ALGORITHMS:
+        rows += micro_asymmetric(algorithm)
     key, signing_input = secret.encode(), token.rpartition(".")[0].encode()
     return rows, per_call_us(lambda: hmac.digest(key, signing_input, "sha256"))
+
+
+def _private_key(algorithm: str) -> Any:
+    """A new private key for *algorithm*: Ed25519, EC P-256, or RSA of 2048 bits."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if algorithm == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def micro_asymmetric(algorithm: str) -> list[MicroRow]:
+    """jwtplus against PyJWT with one *algorithm* key: jwtplus loads its PEM, PyJWT gets the key objects
+    (given PEM text, PyJWT would parse it on every call). Both check exp (required), iss and aud. For
+    EdDSA, a row more: jwtplus's cached_decoder hitting, against PyJWT's full decode."""
+    from cryptography.hazmat.primitives import serialization
+
+    private = _private_key(algorithm)
+    public = private.public_key()
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+    manager = jwtplus.SecretManager(
+        algorithm=algorithm, keys=[pem], issuer=MICRO_ISSUER, audience=MICRO_AUDIENCE
+    )
+    token = manager.encode(CLAIMS)
+    claims = manager.decode(token)
+    headers = {"kid": jwt.get_unverified_header(token)["kid"]}
+    checks: dict[str, Any] = {
+        "algorithms": [algorithm],
+        "audience": MICRO_AUDIENCE,
+        "issuer": MICRO_ISSUER,
+        "options": {"require": ["exp"]},
+    }
+    if jwt.decode(token, public, **checks) != claims:
+        raise BenchError(f"PyJWT and jwtplus read different claims from the same {algorithm} token")
+    if manager.decode(jwt.encode(claims, private, algorithm=algorithm, headers=headers)) != claims:
+        raise BenchError(f"jwtplus refuses PyJWT's {algorithm} token, or reads other claims from it")
+    rows = [
+        compare(
+            f"{algorithm} encode",
+            lambda: manager.encode(CLAIMS),
+            lambda: jwt.encode(claims, private, algorithm=algorithm, headers=headers),
+        ),
+        compare(
+            f"{algorithm} decode",
+            lambda: manager.decode(token),
+            lambda: jwt.decode(token, public, **checks),
+        ),
+    ]
+    if algorithm == "EdDSA":
+        decode = jwtplus.cached_decoder(manager)
+        decode(token, time.time())
+        rows.append(
+            compare(
+                f"{algorithm} decode, cached_decoder hit (PyJWT: no cache)",
+                lambda: decode(token, time.time()),
+                lambda: jwt.decode(token, public, **checks),
+            )
+        )
+        if decode.cache_info().misses != 1:
+            raise BenchError("cached_decoder missed a token it had verified")
+    return rows
+
+
+def _ratio(row: MicroRow) -> str:
+    ratio = row.jwtplus_us / row.pyjwt_us
+    return f"{ratio:.2f}{TIMES}" if ratio >= 0.1 else f"{ratio:.4f}{TIMES} (1/{1 / ratio:,.0f})"
+
+
+def micro_table(rows: list[MicroRow], hmac_us: float) -> list[str]:
+    return [
+        "Micro benchmark, no server (CPU µs per call, median of 7 timings taken in turns with PyJWT's; "
+        "same claims and key; "
+        "jwtplus's encode also stamps iat, exp and a random jti on every call, and iss and aud in the "
+        "asymmetric rows, where both sides' decode checks exp, iss and aud, and PyJWT gets key objects, "
+        "not PEM):",
+        "",
+        "| call | jwtplus | PyJWT | jwtplus / PyJWT |",
+        "|---|---:|---:|---:|",
+        *(f"| {r.operation} | {r.jwtplus_us:.1f} µs | {r.pyjwt_us:.1f} µs | {_ratio(r)} |" for r in rows),
+        "",
+        f"For scale: HMAC-SHA256 of a token's signing input alone takes {hmac_us:.2f} µs.",
+    ]
 
 
 # ---- Servers ----
@@ -226,11 +344,11 @@ class Server:
 
 
 def start_servers(
-    modes: Sequence[str], loops: Sequence[str], secret: str, cpu: int, logs: Path
+    modes: Sequence[str], loops: Sequence[str], secret: str, idp_key: str, cpu: int, logs: Path
 ) -> tuple[dict[tuple[str, str], Server], dict[str, str]]:
     """Start one server per mode and loop; return them and the optional modes left out, with why."""
     taskset = _tool("taskset")
-    env = {**os.environ, "BENCH_SECRET": secret}
+    env = {**os.environ, "BENCH_SECRET": secret, "BENCH_IDP_KEY": idp_key}
     servers: dict[tuple[str, str], Server] = {}
     left_out: dict[str, str] = {}
     try:
@@ -368,14 +486,29 @@ class TokenFile:
     count: int
 
 
-def mint_tokens(secret: str, count: int, directory: Path) -> TokenFile:
-    """The reused token and *count* distinct fresh ones, all minted by jwtplus with the servers' secret."""
-    manager = jwtplus.SecretManager(secret=secret)
-    path = directory / "fresh_tokens.txt"
+def mint_tokens(encode: Callable[[], str], count: int, path: Path) -> TokenFile:
+    """The reused token and *count* distinct fresh ones, each a call of *encode*; the fresh ones in *path*."""
     with path.open("w") as f:
         for _ in range(count):
-            f.write(manager.encode(CLAIMS) + "\n")
-    return TokenFile(manager.encode(CLAIMS), path, count)
+            f.write(encode() + "\n")
+    return TokenFile(encode(), path, count)
+
+
+def mint_all(
+    modes: Sequence[str], secret: str, idp_key: str, count: int, directory: Path
+) -> dict[str, TokenFile]:
+    """Each mode's tokens: HS256 ones minted by jwtplus with the servers' secret, and for the modes of
+    IDP_MODES RS256 ones of their identity provider (a few hundred µs each: RSA signing is slow)."""
+    hs256 = jwtplus.SecretManager(secret=secret)
+    print(f"minting {count:,} fresh HS256 tokens ...", flush=True)
+    files = {"HS256": mint_tokens(lambda: hs256.encode(CLAIMS), count, directory / "fresh_tokens.txt")}
+    if any(mode in IDP_MODES for mode in modes):
+        idp = idp_manager(idp_key)
+        print(f"minting {count:,} fresh RS256 tokens of the identity provider ...", flush=True)
+        files["RS256"] = mint_tokens(
+            lambda: idp.encode(IDP_CLAIMS), count, directory / "fresh_idp_tokens.txt"
+        )
+    return {mode: files["RS256" if mode in IDP_MODES else "HS256"] for mode in modes}
 
 
 def next_fresh_token(server: Server, tokens: TokenFile) -> str:
@@ -409,7 +542,10 @@ def rotated(modes: Sequence[str], by: int) -> list[str]:
 
 
 def benchmark(
-    args: argparse.Namespace, servers: dict[tuple[str, str], Server], tokens: TokenFile, modes: Sequence[str]
+    args: argparse.Namespace,
+    servers: dict[tuple[str, str], Server],
+    tokens_of: dict[str, TokenFile],
+    modes: Sequence[str],
 ) -> Results:
     wrk = [_tool("taskset"), "-c", str(args.wrk_cpu), _tool("wrk")]
     results = Results()
@@ -417,7 +553,7 @@ def benchmark(
         for loop in args.loops:
             for pattern in args.patterns:
                 for mode in rotated(modes, round_):
-                    server = servers[mode, loop]
+                    server, tokens = servers[mode, loop], tokens_of[mode]
                     token = tokens.reused if pattern == "reused" else next_fresh_token(server, tokens)
                     check(server, token)
                     if args.warmup:
@@ -444,7 +580,7 @@ def report(
     results: Results,
     micro_rows: tuple[list[MicroRow], float] | None,
     repeated: list[str],
-    tokens: TokenFile,
+    token_count: int,
 ) -> str:
     columns = [(loop, pattern) for loop in args.loops for pattern in args.patterns]
 
@@ -475,11 +611,17 @@ def report(
         *(f"- {line}" for line in machine),
         f"- one server process per mode and loop on CPU {args.server_cpu}, wrk on CPU {args.wrk_cpu} "
         f"(taskset); wrk: 1 thread, {args.connections} keep-alive connections, `GET {PATH}` "
-        f'answering "{BODY}"; HS256 tokens minted by jwtplus',
+        f'answering "{BODY}"; HS256 tokens minted by jwtplus'
+        + (
+            ", except for jwtplus-jwks: RS256 tokens of an identity provider in the same process, whose "
+            "JWK Set the server fetched before the first measured request"
+            if any(mode in IDP_MODES for mode in modes)
+            else ""
+        ),
         f"- {args.rounds} round(s); in each, every mode runs {args.warmup} s of warmup then "
         f"{args.duration} s measured, in an order rotated from round to round",
         '- tokens: "reused" sends the same valid token on every request; "fresh" a different one on '
-        f"every request ({tokens.count:,} distinct tokens; "
+        f"every request ({token_count:,} distinct tokens; "
         + (f"too few: {', '.join(repeated)} saw some twice" if repeated else "no server saw one twice")
         + ")",
         "",
@@ -496,22 +638,7 @@ def report(
     for mode, reason in left_out.items():
         lines += ["", f"{MODE_LABELS[mode]} was left out: {reason}"]
     if micro_rows is not None:
-        rows, hmac_us = micro_rows
-        lines += [
-            "",
-            "Micro benchmark, no server (µs per call, median of 7 timings; same claims and key; "
-            "jwtplus's encode also stamps iat, exp and a random jti on every call):",
-            "",
-            "| call | jwtplus | PyJWT | jwtplus / PyJWT |",
-            "|---|---:|---:|---:|",
-            *(
-                f"| {r.operation} | {r.jwtplus_us:.1f} µs | {r.pyjwt_us:.1f} µs | "
-                f"{r.jwtplus_us / r.pyjwt_us:.2f}{TIMES} |"
-                for r in rows
-            ),
-            "",
-            f"For scale: HMAC-SHA256 of a token's signing input alone takes {hmac_us:.2f} µs.",
-        ]
+        lines += ["", *micro_table(*micro_rows)]
     lines += [
         "",
         "Each round's requests per second:",
@@ -530,41 +657,53 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(f"bench/run.py: stopped by signal {signum}")
 
 
+def run_micro(args: argparse.Namespace, secret: str) -> tuple[list[MicroRow], float]:
+    """The micro benchmark, pinned to wrk's CPU (idle while it runs)."""
+    print("micro benchmark (encode/decode) ...", flush=True)
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {args.wrk_cpu})
+    try:
+        return micro(secret)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()
-    wrk = _tool("wrk")
-    _tool("taskset")
     if max(args.server_cpu, args.wrk_cpu) >= (os.cpu_count() or 1):
         raise BenchError(f"CPUs {args.server_cpu} and {args.wrk_cpu} are needed; this machine has fewer")
+    secret = secrets.token_urlsafe(32)
+    if args.micro_only:
+        print(
+            f"Python {platform.python_version()}, PyJWT {_version('PyJWT')}, "
+            f"cryptography {_version('cryptography')}, jwtplus{jwtplus_revision()}; "
+            f"load average {load_average()}",
+            flush=True,
+        )
+        print("\n" + "\n".join(micro_table(*run_micro(args, secret))), flush=True)
+        return 0
+    wrk = _tool("wrk")
+    _tool("taskset")
     machine = describe_machine(wrk)
     print("\n".join(machine), flush=True)
-    secret = secrets.token_urlsafe(32)
-    micro_rows = None
-    if not args.no_micro:
-        print("micro benchmark (encode/decode) ...", flush=True)
-        cpus = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {args.wrk_cpu})
-        try:
-            micro_rows = micro(secret)
-        finally:
-            os.sched_setaffinity(0, cpus)
+    micro_rows = None if args.no_micro else run_micro(args, secret)
+    idp_key = new_idp_key() if any(mode in IDP_MODES for mode in args.modes) else ""
     with tempfile.TemporaryDirectory(prefix="jwtplus-bench-") as tmp:
-        print(f"minting {args.tokens:,} fresh tokens ...", flush=True)
-        tokens = mint_tokens(secret, args.tokens, Path(tmp))
-        servers, left_out = start_servers(args.modes, args.loops, secret, args.server_cpu, Path(tmp))
+        tokens_of = mint_all(args.modes, secret, idp_key, args.tokens, Path(tmp))
+        servers, left_out = start_servers(args.modes, args.loops, secret, idp_key, args.server_cpu, Path(tmp))
         for mode, reason in left_out.items():
             print(f"LEFT OUT {MODE_LABELS[mode]}: {reason}", file=sys.stderr, flush=True)
         modes = [m for m in args.modes if m not in left_out]
         try:
-            results = benchmark(args, servers, tokens, modes)
+            results = benchmark(args, servers, tokens_of, modes)
         finally:
             stop_servers(servers.values())
     repeated = sorted(
         {s.mode for s in servers.values() if s.fresh_repeated and s.mode in TOKEN_MODES and s.mode in modes}
     )
-    text = report(args, machine, modes, left_out, results, micro_rows, repeated, tokens)
+    text = report(args, machine, modes, left_out, results, micro_rows, repeated, args.tokens)
     args.output.write_text(text)
     print("\n" + text, flush=True)
     print(f"written to {args.output} in {time.monotonic() - started:.0f} s", flush=True)

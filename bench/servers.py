@@ -7,23 +7,37 @@ MODE is one of MODES, LOOP is "asyncio" or "uvloop". The server listens on
 ``GET /hello`` ("Hello, world") until it is killed. Every mode serves the same
 handler; only the middlewares differ. The HS256 secret comes from the
 environment, never from the command line.
+
+jwtplus-jwks is a resource server: it verifies RS256 tokens of an identity
+provider with ``jwtplus.IdentityProvider``, whose JWK Set it fetches over HTTP.
+The provider is a stand-in in the same process, on a second loopback port:
+``jwtplus.jwks_handler`` publishing the public half of BENCH_IDP_KEY, an RSA
+private key (PEM) the driver makes with :func:`new_idp_key` and mints its
+tokens with (:func:`idp_manager`). Before the server prints its port, one
+request through a temporary site fetches the keys, so every measured request
+finds them cached. RS256 because identity providers sign with it by default
+(and ``IdentityProvider`` expects it by default); a reused token is a cache hit
+whatever the algorithm, and bench/run.py's micro benchmark gives the cost of
+each algorithm's verification for the fresh-token pattern.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import warnings
 from typing import Any
 
+import aiohttp
 import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 import jwtplus
 
-MODES = ("bare", "passthrough", "jwtplus", "jwtplus-setup", "aiohttp-jwt", "pyjwt")
+MODES = ("bare", "passthrough", "jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt")
 """Modes in table order: the baseline first, then the cost of one middleware, then the JWT middlewares."""
 
 LOOPS = ("asyncio", "uvloop")
@@ -33,6 +47,7 @@ MODE_LABELS = {
     "passthrough": "one pass-through middleware",
     "jwtplus": "jwtplus, the seed's two middlewares (pre_jwt_identifier + post_jwt_router)",
     "jwtplus-setup": "jwtplus, one middleware (jwtplus.setup)",
+    "jwtplus-jwks": "jwtplus, JWKS consumer (IdentityProvider, RS256, keys cached)",
     "aiohttp-jwt": "aiohttp-jwt 0.6.1 (JWTMiddleware)",
     "pyjwt": "plain jwt.decode middleware",
 }
@@ -41,6 +56,31 @@ PATH = "/hello"
 BODY = "Hello, world"
 
 _PAYLOAD = web.RequestKey[dict[str, Any]]("payload")
+
+IDP_ISSUER = "https://idp.bench.invalid"
+"""The ``iss`` of jwtplus-jwks tokens: only compared, never fetched (the JWK Set's address is given)."""
+IDP_AUDIENCE = "bench-api"
+IDP_CLAIMS = {"sub": "bench"}
+"""What jwtplus-jwks tokens carry besides iat, exp, jti, iss and aud: the subject its identifier needs."""
+JWKS_PATH = "/.well-known/jwks.json"
+
+
+def new_idp_key() -> str:
+    """A new RSA-2048 private key, PEM: the jwtplus-jwks provider's key for one benchmark run."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+
+
+def idp_manager(private_pem: str) -> jwtplus.SecretManager:
+    """The jwtplus-jwks identity provider: it signs the drivers' tokens and publishes its public key."""
+    return jwtplus.SecretManager(
+        algorithm="RS256", keys=[private_pem], issuer=IDP_ISSUER, audience=IDP_AUDIENCE
+    )
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -79,7 +119,7 @@ def aiohttp_jwt_middlewares(secret: str) -> list[Middleware]:
     return [JWTMiddleware(secret, algorithms=["HS256"])]
 
 
-def middlewares(mode: str, secret: str) -> list[Middleware]:
+def middlewares(mode: str, secret: str, jwks_uri: str | None = None) -> list[Middleware]:
     if mode == "bare":
         return []
     if mode == "passthrough":
@@ -91,11 +131,46 @@ def middlewares(mode: str, secret: str) -> list[Middleware]:
     if mode == "jwtplus-setup":
         manager = jwtplus.SecretManager(secret=secret)
         return [jwtplus.JWTHelper(secret_manager=manager, protected_apis=(PATH,)).middleware()]
+    if mode == "jwtplus-jwks":
+        if jwks_uri is None:
+            raise ValueError("jwtplus-jwks needs the address of its provider's JWK Set")
+        provider = jwtplus.IdentityProvider(
+            issuer=IDP_ISSUER, audience=IDP_AUDIENCE, jwks_uri=jwks_uri, algorithms=("RS256",)
+        )
+        return [jwtplus.jwt_middleware(issuers=provider, rules=jwtplus.RoutingRules(protected_apis=(PATH,)))]
     if mode == "aiohttp-jwt":
         return aiohttp_jwt_middlewares(secret)
     if mode == "pyjwt":
         return [pyjwt_middleware(secret)]
     raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+async def start_idp(idp: jwtplus.SecretManager, stack: contextlib.AsyncExitStack) -> str:
+    """Publish *idp*'s JWK Set on a loopback port of its own (stopped with *stack*); return its URL."""
+    app = web.Application()
+    app.router.add_get(JWKS_PATH, jwtplus.jwks_handler(idp))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}{JWKS_PATH}"
+
+
+async def warm_up(runner: web.AppRunner, token: str) -> None:
+    """One request with *token* through a temporary site of *runner*, which must answer 200."""
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}{PATH}"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(url, headers={"Authorization": f"Bearer {token}"}) as response,
+        ):
+            status, body = response.status, await response.text()
+    finally:
+        await site.stop()
+    if status != 200 or body != BODY:
+        raise RuntimeError(f"the warm-up request got {status} {body[:120]!r}, not 200 {BODY!r}")
 
 
 async def serve(mode: str, secret: str, exit_after: int = 0) -> None:
@@ -109,21 +184,28 @@ async def serve(mode: str, secret: str, exit_after: int = 0) -> None:
             asyncio.get_running_loop().call_later(0.05, done.set)
         return await hello(request)
 
-    app = web.Application(middlewares=middlewares(mode, secret))
-    app.router.add_get(PATH, hello_then_maybe_exit if exit_after else hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        idp = idp_manager(os.environ["BENCH_IDP_KEY"]) if mode == "jwtplus-jwks" else None
+        jwks_uri = await start_idp(idp, stack) if idp is not None else None
+        app = web.Application(middlewares=middlewares(mode, secret, jwks_uri))
+        app.router.add_get(PATH, hello_then_maybe_exit if exit_after else hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        if idp is not None:  # fetch the provider's keys now, not in the first measured request
+            await warm_up(runner, idp.encode(IDP_CLAIMS))
+            answered = 0
         await web.TCPSite(runner, "127.0.0.1", int(os.environ.get("BENCH_PORT", "0"))).start()
         print(runner.addresses[0][1], flush=True)
         await done.wait()
-    finally:
-        await runner.cleanup()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] not in MODES or argv[1] not in LOOPS:
-        sys.exit(f"usage: BENCH_SECRET=... servers.py {{{'|'.join(MODES)}}} {{{'|'.join(LOOPS)}}}")
+        sys.exit(
+            f"usage: BENCH_SECRET=... [BENCH_IDP_KEY=PEM] servers.py {{{'|'.join(MODES)}}} "
+            f"{{{'|'.join(LOOPS)}}}"
+        )
     mode, loop = argv
     secret, exit_after = os.environ["BENCH_SECRET"], int(os.environ.get("BENCH_EXIT_AFTER", "0"))
     if loop == "uvloop":
