@@ -31,9 +31,10 @@ Coming from aiohttp-jwtplus 0.2.0: ``JWTHelper`` keeps its arguments and its
 ``pre_jwt_identifier()`` / ``post_jwt_router()`` pair, and builds these pieces.
 
 Depends on aiohttp and PyJWT only (EdDSA, ES256, RS256 and PS256 keys, the JWKS
-handler and identity providers need the crypto extra, which brings cryptography). Three parts, read top to bottom (``grep '^# ----'
-jwtplus.py`` lists the sections): I tokens and requests; II browsers and
-sessions; III aiohttp wiring and 0.2.0 compatibility.
+handler and identity providers need the crypto extra, which brings cryptography).
+Three parts, read top to bottom (``grep '^# ----' jwtplus.py`` lists the
+sections): I tokens and requests; II browsers and sessions; III aiohttp wiring
+and 0.2.0 compatibility.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import copy
 import enum
 import functools
@@ -55,7 +57,7 @@ import math
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
@@ -217,6 +219,9 @@ _ASYMMETRIC = {
 """The asymmetric algorithms, with the JWK ``kty`` and ``crv`` their keys must have."""
 _ED25519_LABEL = b"jwtplus-ed25519-v1:"
 _MIN_RSA_BITS = 2048
+_MAX_RSA_BITS = 8192
+_MAX_RSA_EXPONENT = 2**32
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _MAX_PUBLISHED_KEYS = 100
 _NO_CRYPTO = (
     "asymmetric keys (EdDSA, ES256, RS256, PS256) need the cryptography package: "
@@ -642,6 +647,12 @@ def _key_of(key: Any, algorithms: Sequence[str], kid: str | None, name: str) -> 
                 raise ValueError(
                     f"{name} is a {public.key_size}-bit RSA key: {algorithm} needs {_MIN_RSA_BITS} bits or "
                     "more (RFC 7518 section 3.3)"
+                )
+            if fits and (public.key_size > _MAX_RSA_BITS or public.public_numbers().e > _MAX_RSA_EXPONENT):
+                raise ValueError(
+                    f"{name} is an RSA key of {public.key_size} bits, exponent {public.public_numbers().e}: "
+                    f"jwtplus takes at most {_MAX_RSA_BITS} bits and an exponent up to 2**32, so that no key "
+                    "makes each verification a denial of service"
                 )
         if not fits:
             raise ValueError(
@@ -1158,8 +1169,15 @@ _AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
 
 
-def _https_url(value: Any, name: str) -> str:
-    """*value* as an absolute https URL (http only on a loopback host, for tests), or ValueError."""
+def _loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname in _LOOPBACK
+
+
+def _https_url(value: Any, name: str, *, loopback: bool = True) -> str:
+    """*value* as an absolute https URL (http on a loopback host, for tests, where *loopback* allows
+    it: a discovery document of an https issuer may not send us to one), or ValueError."""
     from urllib.parse import urlsplit
 
     if not isinstance(value, str):
@@ -1168,7 +1186,7 @@ def _https_url(value: Any, name: str) -> str:
     if (
         not parts.hostname
         or parts.scheme not in ("https", "http")
-        or (parts.scheme == "http" and parts.hostname not in _LOOPBACK)
+        or (parts.scheme == "http" and not (loopback and parts.hostname in _LOOPBACK))
     ):
         raise ValueError(f"{name}={value!r} must be an https:// URL (http:// only on 127.0.0.1 or localhost)")
     return value
@@ -1268,8 +1286,9 @@ def _max_age(cache_control: str | None) -> float:
         return 0
     for directive in directives:
         name, _, value = directive.partition("=")
-        if name.strip() == "max-age" and value.strip().strip('"').isdigit():
-            return min(int(value.strip().strip('"')), _MAX_MAX_AGE)
+        seconds = value.strip().strip('"')
+        if name.strip() == "max-age" and re.fullmatch("[0-9]{1,10}", seconds):
+            return min(int(seconds), _MAX_MAX_AGE)
     return _DEFAULT_MAX_AGE
 
 
@@ -1278,9 +1297,11 @@ async def _get_json(http: aiohttp.ClientSession, url: str) -> tuple[Any, float]:
     async with http.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response:
         if response.status != 200:
             raise ValueError(f"GET {url} answered {response.status}")
-        body = await response.content.read(_MAX_JWKS_BYTES + 1)
-        if len(body) > _MAX_JWKS_BYTES:
-            raise ValueError(f"GET {url} answered more than {_MAX_JWKS_BYTES} bytes")
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(64 * 1024):  # as it arrives (and is inflated)
+            body += chunk
+            if len(body) > _MAX_JWKS_BYTES:
+                raise ValueError(f"GET {url} answered more than {_MAX_JWKS_BYTES} bytes")
         return json.loads(body), _max_age(response.headers.get("Cache-Control"))
 
 
@@ -1290,6 +1311,10 @@ def _jwks_keys(document: Any, provider: IdentityProvider) -> dict[str, _Key]:
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("the JWK Set has no keys list")
     found: dict[str, _Key] = {}
+    kids = Counter(jwk.get("kid") for jwk in document["keys"] if isinstance(jwk, dict))
+    twice = {kid for kid, count in kids.items() if count > 1 and isinstance(kid, str)}
+    for kid in twice:
+        _log.warning("jwtplus: %s publishes two keys with kid %r: neither is used", provider.issuer, kid)
     for jwk in document["keys"]:
         if len(found) == provider.max_keys:
             _log.warning(
@@ -1307,6 +1332,15 @@ def _jwks_keys(document: Any, provider: IdentityProvider) -> dict[str, _Key]:
         ]
         if not algorithms or jwk.get("use", "sig") != "sig" or len(jwk["kid"]) > _MAX_KID_LENGTH:
             continue
+        if jwk["kid"] in twice:
+            continue
+        if _PRIVATE_MEMBERS & jwk.keys():
+            _log.warning(
+                "jwtplus: %s publishes the private key %r: it is not used (anyone can sign with it)",
+                provider.issuer,
+                jwk["kid"],
+            )
+            continue
         try:
             found[jwk["kid"]] = _load_key(jwk, algorithms, name=f"{provider.issuer} key {jwk['kid']!r}")
         except (ValueError, TypeError) as exc:
@@ -1314,17 +1348,21 @@ def _jwks_keys(document: Any, provider: IdentityProvider) -> dict[str, _Key]:
     return found
 
 
-KeyLookup: TypeAlias = Callable[[str, float], _Key]
+KeyLookup: TypeAlias = Callable[[str, float], "tuple[_Key, float]"]
 
 
-def _remote_keys(provider: IdentityProvider, forget: Callable[[], None]) -> KeyLookup:
-    """Return ``lookup(kid, now)``: the provider's key named *kid*, from a cache filled by fetches.
+def _remote_keys(
+    provider: IdentityProvider, forget: Callable[[], None], clock: Callable[[], float]
+) -> KeyLookup:
+    """Return ``lookup(kid, now)``: the provider's key named *kid*, from a cache filled by fetches, and
+    the instant the key set stops being fresh (the verified-token cache trusts it no longer).
 
     An unknown kid raises :class:`_KeysMissing` so that the caller awaits one
     fetch (shared by every request that waits meanwhile), at most once per
     cooldown; within it, KeyIdError when the last fetch worked, :class:`_KeysUnavailable`
     when it failed. A stale cache is refreshed in the background while its keys go on verifying.
-    *forget* runs when a fetch drops keys, to forget the tokens they verified.
+    *forget* runs when a fetch drops or replaces keys, to forget the tokens they verified. Times
+    (cooldown, freshness) are the middleware's *clock*, as *now* is.
     """
     keys: dict[str, _Key] = {}
     jwks_uri = provider.jwks_uri
@@ -1334,47 +1372,66 @@ def _remote_keys(provider: IdentityProvider, forget: Callable[[], None]) -> KeyL
     background: set[asyncio.Task[None]] = set()
     timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
 
+    async def get_keys() -> tuple[Any, float]:
+        nonlocal jwks_uri
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            if jwks_uri is None:
+                discovery = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                document, _ = await _get_json(http, discovery)
+                if not isinstance(document, dict) or document.get("issuer") != provider.issuer:
+                    raise ValueError(f"{discovery} names another issuer")  # OpenID Discovery 4.3
+                jwks_uri = _https_url(
+                    document.get("jwks_uri"), "its jwks_uri", loopback=_loopback(provider.issuer)
+                )
+            return await _get_json(http, jwks_uri)
+
     async def download() -> None:
         nonlocal keys, jwks_uri, fresh_until, fetched_at, fetched, running
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as http:
-                if jwks_uri is None:
-                    discovery = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                    document, _ = await _get_json(http, discovery)
-                    if not isinstance(document, dict) or document.get("issuer") != provider.issuer:
-                        raise ValueError(f"{discovery} names another issuer")  # OpenID Discovery 4.3
-                    jwks_uri = _https_url(document.get("jwks_uri"), "its jwks_uri")
-                document, max_age = await _get_json(http, jwks_uri)
+            document, max_age = await asyncio.wait_for(get_keys(), provider.timeout_seconds)
             found = _jwks_keys(document, provider)
         except Exception as exc:  # unreachable, slow, not JSON, not a JWK Set: keep the keys we have
             fetched = False
+            jwks_uri = provider.jwks_uri  # discover again next time: the provider may have moved it
             _log.warning(
-                "jwtplus: fetching the keys of %s failed: %s", provider.issuer, exc or type(exc).__name__
+                "jwtplus: fetching the keys of %s failed: %s", provider.issuer, str(exc) or type(exc).__name__
             )
         else:
-            if not keys.keys() <= found.keys():
-                forget()
+            if any(kid not in found or found[kid].jwk != key.jwk for kid, key in keys.items()):
+                forget()  # a key gone or replaced: the tokens it verified are not trusted any more
             keys, fetched = found, True
-            fresh_until = time.monotonic() + max_age
+            fresh_until = clock() + max_age
         finally:
-            fetched_at, running = time.monotonic(), None
+            fetched_at, running = clock(), None
+
+    def busy() -> bool:
+        """Whether a fetch runs now, on this loop (a task of a loop that closed is none)."""
+        return running is not None and not running.done() and running.get_loop() is asyncio.get_running_loop()
 
     async def fetch() -> None:
         nonlocal running
-        if running is None:
+        if not busy():
             running = asyncio.get_running_loop().create_task(download())
-        await asyncio.shield(running)
+        await asyncio.shield(cast("asyncio.Task[None]", running))
 
-    def lookup(kid: str, now: float) -> _Key:
-        clock = time.monotonic()
+    # a request's now may precede the end of the fetch it waited for, by as long as a fetch takes; a
+    # clock set back further than that ends the cooldown and the freshness
+    slack = provider.timeout_seconds + 1
+
+    def cooling(now: float) -> bool:
+        """Whether the last fetch ended less than a cooldown ago."""
+        return fetched_at - slack <= now < fetched_at + provider.cooldown_seconds
+
+    def lookup(kid: str, now: float) -> tuple[_Key, float]:
         key = keys.get(kid)
         if key is not None:
-            if clock >= fresh_until and running is None and clock - fetched_at >= provider.cooldown_seconds:
+            stale = not fetched_at - slack <= now < fresh_until
+            if stale and not busy() and not cooling(now):
                 task = asyncio.get_running_loop().create_task(fetch())
                 background.add(task)
                 task.add_done_callback(background.discard)
-            return key
-        if running is None and clock - fetched_at < provider.cooldown_seconds:
+            return key, fresh_until
+        if not busy() and cooling(now):
             if fetched:
                 raise KeyIdError("the token's kid names none of the issuer's keys")
             raise _KeysUnavailable("the issuer's keys could not be fetched")
@@ -1383,10 +1440,12 @@ def _remote_keys(provider: IdentityProvider, forget: Callable[[], None]) -> KeyL
     return lookup
 
 
-def _provider_verifier(providers: tuple[IdentityProvider, ...], forget: Callable[[], None]) -> Verify:
+def _provider_verifier(
+    providers: tuple[IdentityProvider, ...], forget: Callable[[], None], clock: Callable[[], float]
+) -> Verify:
     """``verify(token, now)`` for tokens of *providers*: the one its ``iss`` names, with that
     provider's keys and algorithms, then the claims."""
-    by_issuer = {p.issuer: (p, _remote_keys(p, forget)) for p in providers}
+    by_issuer = {p.issuer: (p, _remote_keys(p, forget, clock)) for p in providers}
 
     def verify(token: str, now: float) -> tuple[dict[str, Any], float]:
         header_b64, payload_b64, signature, header = _parsed(token)
@@ -1407,21 +1466,25 @@ def _provider_verifier(providers: tuple[IdentityProvider, ...], forget: Callable
         kid = header.get("kid")
         if not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_LENGTH:
             raise KeyIdError("the token's kid is missing or malformed")
-        check = lookup(kid, now).verifiers.get(algorithm)
+        key, fresh_until = lookup(kid, now)
+        check = key.verifiers.get(algorithm)
         if check is None:
             raise jwt.InvalidAlgorithmError("the token's key does not sign with its alg")
         if not check(signature, f"{header_b64}.{payload_b64}".encode("ascii")):
             raise jwt.InvalidSignatureError("Signature verification failed")
         _check_claims(provider, claims, now)
-        return claims, claims["exp"] + provider.leeway_seconds
+        # remembered until the key set is stale: then the key is looked up again, which refreshes the set
+        return claims, min(claims["exp"] + provider.leeway_seconds, fresh_until)
 
     return verify
 
 
-def _provider_decoder(providers: tuple[IdentityProvider, ...], size: int) -> TokenDecoder:
+def _provider_decoder(
+    providers: tuple[IdentityProvider, ...], size: int, clock: Callable[[], float]
+) -> TokenDecoder:
     """A :func:`cached_decoder` for tokens of *providers*, forgetting them when their keys go."""
     forgets: list[Callable[[], None]] = []
-    decode = _cached(_provider_verifier(providers, lambda: forgets[0]()), size)
+    decode = _cached(_provider_verifier(providers, lambda: forgets[0](), clock), size)
     forgets.append(decode.cache_clear)
     return decode
 
@@ -2126,7 +2189,10 @@ _PIPELINE = web.RequestKey[_Pipeline]("jwtplus_pipeline")
 
 
 def _key_source(
-    manager: SecretManager | None, issuers: IdentityProvider | Iterable[IdentityProvider], cache_size: int
+    manager: SecretManager | None,
+    issuers: IdentityProvider | Iterable[IdentityProvider],
+    cache_size: int,
+    clock: Callable[[], float],
 ) -> tuple[TokenDecoder, str, float]:
     """The decoder of a middleware's tokens: the manager's own, or those of its identity providers;
     with the scheme its challenges name and the longest leeway it grants."""
@@ -2143,7 +2209,7 @@ def _key_source(
         return cached_decoder(manager, size=cache_size), manager.scheme, manager.leeway_seconds
     if len({p.issuer for p in providers}) != len(providers):
         raise ValueError("issuers names one issuer twice: each provider needs its own issuer")
-    return _provider_decoder(providers, cache_size), "Bearer", max(p.leeway_seconds for p in providers)
+    return _provider_decoder(providers, cache_size, clock), "Bearer", max(p.leeway_seconds for p in providers)
 
 
 def _identifier(
@@ -2158,15 +2224,15 @@ def _identifier(
     """Return ``identify(request, policy)``: run the pipeline (as the route's policy says), put the
     result on the request, and return its status, or the answer a guard on the route gives instead;
     with the decoder and the scheme."""
-    decode, scheme, leeway = _key_source(manager, issuers, cache_size)
+    if not callable(clock):
+        raise TypeError(f"clock must be a function returning Unix seconds, such as time.time, got {clock!r}")
+    decode, scheme, leeway = _key_source(manager, issuers, cache_size, clock)
     if token_getter is None or token_getter is basic_token_getter:
         token_getter = header_token_getter(scheme)
     if not callable(token_getter):
         raise TypeError(f"token_getter must be callable or None, got {token_getter!r}")
     if identifier is not None and not callable(identifier):
         raise TypeError(f"identifier must be callable or None, got {identifier!r}")
-    if not callable(clock):
-        raise TypeError(f"clock must be a function returning Unix seconds, such as time.time, got {clock!r}")
     identifier = identifier or (basic_identifier if manager is not None else subject_identifier)
     checks = _checks(checks)
     cookies = _csrf_policy(checks) or DEFAULT_COOKIES
@@ -3491,7 +3557,7 @@ async def authenticated_messages(
     One task per connection judges the token again, with the route's whole
     pipeline (revocation included), when it expires and every *recheck*; no
     timer runs per message. A client keeps the socket open past its token's
-    expiry by sending a fresh access token for the same subject,
+    expiry by sending a fresh access token of the same subject (``sub``) and issuer,
     ``{"type": "authenticate", "token": "..."}``; it is answered
     ``{"type": "authenticated", "exp": ...}`` and not yielded. Prepares *socket* if needed.
     """
@@ -3503,20 +3569,15 @@ async def authenticated_messages(
         raise ValueError(f"recheck={recheck!r} must be positive: use {_DURATION_FORMS}")
     if not socket.prepared:
         await socket.prepare(request)
-    claims = request.get(AUTH_CLAIMS)
-    if request.get(AUTH_STATUS) != "pass" or claims is None:
-        await socket.close(code=SOCKET_REFUSED, message=b"token refused")
-        return
+    claims, status = request.get(AUTH_CLAIMS), request.get(AUTH_STATUS, "invalid")
     offered: list[str] = []  # the token of the last re-authentication, once it passed
+    renewed = asyncio.Event()
 
     def current_token(request: web.Request) -> str | Awaitable[str | None] | None:
         return offered[-1] if offered else parts.token_getter(request)
 
     def judge(getter: TokenGetter) -> Authenticator:
         return _authenticator(parts.decode, getter, parts.identifier, parts.token_type, parts.checks)
-
-    rejudge = judge(current_token)
-    subject, deadline = claims.get("sub"), [float(claims["exp"]) + parts.leeway]
 
     async def close(status: AuthStatus) -> None:
         if status == "unavailable":
@@ -3525,10 +3586,18 @@ async def authenticated_messages(
             reason = b"token expired" if status == "expired" else b"token refused"
             await socket.close(code=SOCKET_REFUSED, message=reason)
 
+    if status != "pass" or claims is None:  # an optional route, or one that runs in any state
+        await close(status if status != "pass" else "invalid")
+        return
+    rejudge = judge(current_token)
+    # who the socket is for: a renewal must be the same subject of the same issuer
+    subject, deadline = (claims.get("iss"), claims.get("sub")), [float(claims["exp"]) + parts.leeway]
+
     async def watch() -> None:
         while not socket.closed:
-            now = parts.clock()
-            await asyncio.sleep(max(0.0, min(interval, deadline[0] - now)))
+            with contextlib.suppress(asyncio.TimeoutError):  # a renewal wakes it: the deadline moved
+                await asyncio.wait_for(renewed.wait(), max(0.0, min(interval, deadline[0] - parts.clock())))
+            renewed.clear()
             result = await rejudge(request, parts.clock())
             if result.status != "pass" or result.claims is None:
                 await close(result.status)
@@ -3543,12 +3612,17 @@ async def authenticated_messages(
                 yield message
                 continue
             result = await judge(functools.partial(_given_token, offer))(request, parts.clock())
-            if result.status != "pass" or result.claims is None or result.claims.get("sub") != subject:
+            fresh = result.claims or {}
+            same = (
+                isinstance(subject[1], str) and subject[1] and (fresh.get("iss"), fresh.get("sub")) == subject
+            )
+            if result.status != "pass" or not same:
                 await close(result.status if result.status != "pass" else "rejected")
                 break
             offered[:] = [offer]
-            deadline[0] = float(result.claims["exp"]) + parts.leeway
-            await socket.send_json({"type": "authenticated", "exp": result.claims["exp"]})
+            deadline[0] = float(fresh["exp"]) + parts.leeway
+            renewed.set()
+            await socket.send_json({"type": "authenticated", "exp": fresh["exp"]})
     finally:
         watcher.cancel()
 
@@ -3564,7 +3638,7 @@ def _offered_token(message: aiohttp.WSMessage) -> str | None:
         return None
     try:
         body = json.loads(message.data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(body, dict) or body.get("type") != "authenticate":
         return None

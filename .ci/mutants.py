@@ -143,8 +143,8 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
         "or ahead"
     ),
     "keys": (
-        "key or jwk or eddsa or ed25519 or es256 or rs256 or ps256 or alg or kid or pem or crypto or "
-        "confusion or der or rotation or period or publish or readme"
+        "(key or jwk or eddsa or ed25519 or es256 or rs256 or ps256 or alg or kid or pem or crypto or "
+        "confusion or der or rotation or period or publish or readme) and not (servers or browser or redis)"
     ),
     "providers and sockets": (
         "provider or issuer or jwks or kid or cooldown or discovery or socket or tenant or at_jwt or "

@@ -39,6 +39,7 @@ const provider = new Provider(issuer, {
     grant_types: ['client_credentials'],
     redirect_uris: [],
     response_types: [],
+    id_token_signed_response_alg: args.alg,  // the default, RS256, needs an RS256 key even with none to sign
   }],
   jwks: { keys },
   cookies: { keys: ['jwtplus-test-cookie-key-0', 'jwtplus-test-cookie-key-1'] },
