@@ -8432,7 +8432,8 @@ async def test_the_resource_server_example_accepts_its_providers_tokens(
 # -- Two real servers, one secret, rotating keys --
 
 ROTATION_SERVER = '''\
-"""A protected app on rotating keys: the secret comes from JWTPLUS_TEST_SECRET."""
+"""A protected app on rotating keys (HMAC, or EdDSA with its JWKS): the secret comes from
+JWTPLUS_TEST_SECRET."""
 
 import argparse
 import os
@@ -8445,10 +8446,16 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--name", required=True)
+parser.add_argument("--algorithm", default="HS256")
+parser.add_argument("--interval", type=int, default=60)
+parser.add_argument("--exptime", default="5m")
 args = parser.parse_args()
 
 manager = jwtplus.SecretManager(
-    secret=os.environ["JWTPLUS_TEST_SECRET"], refresh_interval=60, exptime="5m"
+    secret=os.environ["JWTPLUS_TEST_SECRET"],
+    refresh_interval=args.interval,
+    exptime=args.exptime,
+    algorithm=args.algorithm,
 )
 helper = jwtplus.JWTHelper(
     secret_manager=manager, whitelist=("/mint",), protected_apis=("/me",)
@@ -8467,6 +8474,8 @@ async def me(request: web.Request) -> web.Response:
 app = web.Application(middlewares=[helper.pre_jwt_identifier(), helper.post_jwt_router()])
 app.router.add_get("/mint", mint)
 app.router.add_get("/me", me)
+if args.algorithm == "EdDSA":
+    app.router.add_get("/.well-known/jwks.json", jwtplus.jwks_handler(manager))
 web.run_app(app, host=args.host, port=args.port, print=None)
 '''
 
@@ -8548,42 +8557,6 @@ async def test_pyjwkclient_verifies_jwtplus_tokens_from_the_handler(aiohttp_serv
 
 # -- Two real servers, one secret, rotating EdDSA keys --
 
-KEYS_SERVER = '''\
-"""Rotating EdDSA keys derived from JWTPLUS_TEST_SECRET: /mint, /me (protected) and the JWKS."""
-
-import argparse
-import os
-
-from aiohttp import web
-
-import jwtplus
-
-parser = argparse.ArgumentParser()
-parser.add_argument("--host", default="127.0.0.1")
-parser.add_argument("--port", type=int, required=True)
-parser.add_argument("--name", required=True)
-args = parser.parse_args()
-
-manager = jwtplus.SecretManager(
-    secret=os.environ["JWTPLUS_TEST_SECRET"], algorithm="EdDSA", refresh_interval=2, exptime="10s"
-)
-rules = jwtplus.RoutingRules(whitelist=("/mint",), protected_apis=("/me", "/.well-known/.*"))
-
-
-async def mint(request: web.Request) -> web.Response:
-    return web.Response(text=manager.encode({"username": "user-of-" + args.name}))
-
-
-async def me(request: web.Request) -> web.Response:
-    return web.json_response({"server": args.name, "username": request[jwtplus.AUTH_CLAIMS]["username"]})
-
-
-app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=manager, rules=rules)])
-app.router.add_get("/mint", mint)
-app.router.add_get("/me", me)
-app.router.add_get("/.well-known/jwks.json", jwtplus.jwks_handler(manager))
-web.run_app(app, host=args.host, port=args.port, print=None)
-'''
 KEYS_INTERVAL = 2
 KEYS_EXPTIME = 10
 MINT_SECONDS = 5.0  # at least two period boundaries of 2 s
@@ -8596,17 +8569,23 @@ class KeyServers:
 
     def manager(self, secret: str | None = None) -> SecretManager:
         return SecretManager(
-            secret=secret or self.secret, algorithm="EdDSA", refresh_interval=KEYS_INTERVAL, exptime="10s"
+            secret=secret or self.secret,
+            algorithm="EdDSA",
+            refresh_interval=KEYS_INTERVAL,
+            exptime=KEYS_EXPTIME,
         )
 
 
 @pytest.fixture
 async def key_servers(spawn: Spawn, tmp_path: Path) -> KeyServers:
     secret = secrets.token_urlsafe(32)
-    script = tmp_path / "keys_server.py"
-    script.write_text(KEYS_SERVER)
+    script = tmp_path / "rotation_server.py"
+    script.write_text(ROTATION_SERVER)
     env = {"JWTPLUS_TEST_SECRET": secret}
-    return KeyServers(secret, [await spawn(name, script, "--name", name, env=env) for name in ("A", "B")])
+    settings = ("--algorithm", "EdDSA", "--interval", str(KEYS_INTERVAL), "--exptime", f"{KEYS_EXPTIME}s")
+    return KeyServers(
+        secret, [await spawn(name, script, "--name", name, *settings, env=env) for name in ("A", "B")]
+    )
 
 
 class MintedToken(NamedTuple):
