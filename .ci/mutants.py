@@ -147,8 +147,8 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
         "confusion or der or rotation or period or publish or readme) and not (servers or browser or redis)"
     ),
     "providers and sockets": (
-        "provider or issuer or jwks or kid or cooldown or discovery or socket or tenant or at_jwt or "
-        "oidc or readme"
+        "(provider or issuer or jwks or kid or cooldown or discovery or socket or tenant or at_jwt or "
+        "readme or renew or withdrawn or clock or cache_control) and not (servers or browser or redis)"
     ),
 }
 
