@@ -583,13 +583,11 @@ def _load_key(value: KeyInput, algorithms: Sequence[str], *, name: str, kid: str
         if text.lstrip().startswith("{"):
             try:
                 jwk = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ValueError(f"{name} is not a JSON JWK") from None
     else:
         raise TypeError(f"{name} must be PEM text or a JWK (dict or JSON text), got {type(value).__name__}")
-    if jwk is not None:
-        if not isinstance(jwk, dict):
-            raise ValueError(f"{name} is not a JWK object")
+    if jwk is not None:  # a dict, or JSON text that starts as an object
         key = _jwk_key(jwk, algorithms, name)
         kid = jwk.get("kid") if kid is None else kid
         if kid is not None and (not isinstance(kid, str) or not kid):
@@ -1097,9 +1095,7 @@ def _published_periods(manager: SecretManager, now: float) -> range:
     copy cached until the period's end holds every key the manager accepts meanwhile."""
     interval, leeway = manager.rotation_seconds, manager.leeway_seconds
     current = period_of(now, interval)
-    first = period_of(now - manager.exptime_seconds - leeway, interval)
-    while _window(manager, first, now) != 0 and first <= current:
-        first += 1
+    first = period_of(now - manager.exptime_seconds - leeway, interval)  # the oldest still in its window
     last = max(current + 1, period_of((current + 1) * interval + leeway, interval))
     return range(first, last + 1)
 

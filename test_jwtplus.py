@@ -1057,10 +1057,27 @@ def test_static_key_configurations_that_cannot_work_are_refused() -> None:
         ),
         (lambda: jwtplus.public_jwks(manager()), ValueError, "HMAC manager has no public keys"),
         (lambda: jwtplus.jwks_handler(manager()), ValueError, "HMAC manager has no public keys"),
+        (lambda: SecretManager(algorithm="ES256", keys=p256_b), TypeError, "one key is keys="),  # type: ignore[arg-type]
+        (lambda: SecretManager(algorithm="ES256", keys={key}), TypeError, "must be a list of keys"),  # type: ignore[arg-type]
+        (lambda: static("ES256", "{" * 100_000), ValueError, r"keys\[0\] is not a JSON JWK"),
+        (
+            lambda: jwtplus.Sessions(manager=static("ES256", key)),
+            ValueError,
+            "namespace= is needed with static keys",
+        ),
     ]
     for make, error, message in cases:
         with pytest.raises(error, match=message):
             make()
+    named = jwtplus.Sessions(manager=static("ES256", key), namespace="api:")
+    assert named.namespace == "api:"
+
+
+@pytest.mark.parametrize("token", [123, None, ["a.b.c"], b"\xff.\xfe.\xfd"])
+def test_a_token_that_is_not_a_string_is_a_decode_error(token: Any) -> None:
+    for sm in (manager(), derived(), static("ES256", pem(private_key("p256")))):
+        with pytest.raises(jwt.DecodeError):
+            sm.decode(token, now=NOW)
 
 
 # -- Refused, as tokens --
