@@ -62,6 +62,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, cast
+from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -1166,16 +1167,13 @@ _LOOPBACK = frozenset({"127.0.0.1", "::1", "[::1]", "localhost"})
 
 
 def _loopback(url: str) -> bool:
-    from urllib.parse import urlsplit
-
+    """Whether *url* names this machine: only there may a test's identity provider speak plain http."""
     return urlsplit(url).hostname in _LOOPBACK
 
 
 def _https_url(value: Any, name: str, *, loopback: bool = True) -> str:
     """*value* as an absolute https URL (http on a loopback host, for tests, where *loopback* allows
     it: a discovery document of an https issuer may not send us to one), or ValueError."""
-    from urllib.parse import urlsplit
-
     if not isinstance(value, str):
         raise TypeError(f"{name}={value!r} must be a URL string")
     parts = urlsplit(value)
@@ -1215,7 +1213,7 @@ class IdentityProvider:
     cooldown: Duration = "30s"
     """The least time between two fetches prompted by unknown ``kid`` values."""
     timeout: Duration = 5
-    """The limit on each fetch, connection included."""
+    """The limit on each fetch of the keys (discovery, connections and the key set together)."""
     max_keys: int = 32
     """The most keys kept from one JWK Set."""
     require_at_jwt: bool = False
