@@ -4834,6 +4834,46 @@ def test_an_rsa_key_that_would_make_each_verification_a_denial_of_service_is_ref
         SecretManager(algorithm="RS256", keys=[jwk])
 
 
+async def test_a_provider_that_moves_its_key_set_is_discovered_again(
+    aiohttp_client: Any, make_idp: MakeIdP, provider_clock: ShiftedClock
+) -> None:
+    idp = await make_idp(rs("a"))
+    idp.discovery_jwks_uri = idp.issuer + "/keys-1"
+    client = await resource(aiohttp_client, idp.provider(discovery=True), clock=provider_clock)
+    assert await status_of(client, idp.token(rs("a"))) == 200
+    idp.mode = "status500"  # the old address stops answering
+    provider_clock.advance(1.5)
+    assert await status_of(client, idp.token(rs("b"))) == 503
+    idp.mode, idp.discovery_jwks_uri = "ok", idp.issuer + "/keys-2"
+    idp.publish(rs("a"), rs("b"))
+    provider_clock.advance(1.5)
+    assert await status_of(client, idp.token(rs("b"))) == 200
+    assert idp.counts["discovery"] == 2
+
+
+async def test_an_algorithm_the_provider_does_not_use_never_costs_a_fetch(
+    aiohttp_client: Any, make_idp: MakeIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp = await make_idp(rs("a"))
+    client = await resource(aiohttp_client, idp.provider(algorithms=("RS256",)))
+    for alg in ("PS256", "RS512", "HS256"):
+        token = idp.token(rs("a"), alg=alg) if alg != "HS256" else forge_hs256(idp, rs("a"))
+        assert await status_of(client, token) == 401
+    assert idp.counts == Counter()
+    assert await status_of(client, idp.token(rs("a"))) == 200
+    both = await resource(aiohttp_client, idp.provider(algorithms=("RS256", "PS256")))
+    assert await status_of(both, idp.token(rs("a"), alg="PS256")) == 401  # its JWK says RS256
+    assert "raised" not in caplog.text
+
+
+def forge_hs256(idp: FakeIdP, key: Key) -> str:
+    """An HS256 token keyed with the provider's public key PEM, which PyJWT refuses to make."""
+    header = b64url(json.dumps({"alg": "HS256", "kid": key.kid}).encode())
+    payload = b64url(json.dumps(idp.claims()).encode())
+    mac = hmac.new(key.public_pem(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64url(mac)}"
+
+
 # -- Several issuers --
 
 
@@ -7099,6 +7139,26 @@ async def test_a_deeply_nested_message_is_the_handlers_and_keeps_the_socket(make
     await ws.send_str(deep)
     assert (await ws.receive()).data == "echo " + deep
     assert received == [deep]
+
+
+async def test_a_recheck_that_is_not_positive_is_refused(aiohttp_client: Any) -> None:
+    sm = manager()
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        socket = web.WebSocketResponse()
+        try:
+            async for _ in jwtplus.authenticated_messages(request, socket, recheck=0):
+                pass
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=500)
+        return socket
+
+    app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=sm, rules=RoutingRules())])
+    app.router.add_get("/ws", echo)
+    client = await aiohttp_client(app)
+    answer = await client.get("/ws", headers=bearer(sm.encode({"username": "ann", "sub": "u"})))
+    assert answer.status == 500
+    assert "recheck=0 must be positive" in (await answer.json())["error"]
 
 
 async def test_the_socket_helper_needs_the_middleware(aiohttp_client: Any) -> None:
