@@ -7161,6 +7161,23 @@ async def test_a_recheck_that_is_not_positive_is_refused(aiohttp_client: Any) ->
     assert "recheck=0 must be positive" in (await answer.json())["error"]
 
 
+async def test_a_socket_on_an_optional_route_without_a_token_is_closed_at_once(aiohttp_client: Any) -> None:
+    sm = manager()
+
+    @jwtplus.route_options(optional=True)
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        async for message in jwtplus.authenticated_messages(request, socket):
+            await socket.send_str(message.data)
+        return socket
+
+    app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=sm, rules=RoutingRules())])
+    app.router.add_get("/ws", echo)
+    client = await aiohttp_client(app)
+    ws = await client.ws_connect("/ws")  # the route lets it in; the helper does not
+    assert await closed(ws) == (jwtplus.SOCKET_REFUSED, "token refused")
+
+
 async def test_the_socket_helper_needs_the_middleware(aiohttp_client: Any) -> None:
     async def echo(request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
