@@ -7178,6 +7178,32 @@ async def test_a_socket_on_an_optional_route_without_a_token_is_closed_at_once(a
     assert await closed(ws) == (jwtplus.SOCKET_REFUSED, "token refused")
 
 
+async def test_after_a_renewal_the_watcher_waits_again(aiohttp_client: Any) -> None:
+    sm, judged = manager(exptime="1h"), []
+
+    def counting(request: web.Request, claims: dict[str, Any], now: float) -> None:
+        judged.append(now)
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        async for message in jwtplus.authenticated_messages(request, socket, recheck=30):
+            await socket.send_str(message.data)
+        return socket
+
+    middleware = jwtplus.jwt_middleware(
+        manager=sm, rules=RoutingRules(), identifier=jwtplus.subject_identifier, checks=(counting,)
+    )
+    app = web.Application(middlewares=[middleware])
+    app.router.add_get("/ws", echo)
+    client = await aiohttp_client(app)
+    ws = await client.ws_connect("/ws", headers=bearer(sm.encode({"sub": "ann"})))
+    await ws.send_json({"type": "authenticate", "token": sm.encode({"sub": "ann"})})
+    assert (await ws.receive_json())["type"] == "authenticated"
+    await asyncio.sleep(0.3)
+    await ws.close()
+    assert len(judged) <= 4  # the handshake, the renewal, and one recheck it wakes: no busy loop
+
+
 async def test_the_socket_helper_needs_the_middleware(aiohttp_client: Any) -> None:
     async def echo(request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
