@@ -52,7 +52,7 @@ $(VENV)/.bench-installed: pyproject.toml
 	touch $@
 
 ## matrix: pytest on the oldest supported pins (Python 3.10, aiohttp 3.14.0, PyJWT 2.13.0)
-## and on the newest (Python 3.13, latest aiohttp 3.14.x and PyJWT 2.x)
+## and on the newest (Python 3.13, latest aiohttp 3.x and PyJWT 2.x)
 matrix:
 	bash .ci/matrix
 

@@ -39,6 +39,7 @@ import sys
 import time
 import urllib.parse
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -7921,6 +7922,33 @@ def test_functools_composition_of_the_factories() -> None:
     assert callable(identify(identifier=async_username))
     with pytest.raises(ValueError, match="login_page"):
         jwtplus.router_middleware(rules=SPA)
+
+
+# ---- Packaging ----
+
+
+def wheel_contents(directory: Path) -> tuple[str, list[str], str]:
+    """The one wheel in *directory*: its file name, its members, its METADATA."""
+    (wheel,) = directory.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        return wheel.name, names, archive.read(metadata).decode()
+
+
+async def test_the_wheel_carries_the_license_the_version_and_the_aiohttp_range(tmp_path: Path) -> None:
+    """Built the way pip builds it (flit_core, isolated)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode == 0, output.decode(errors="replace")
+    name, names, metadata = wheel_contents(tmp_path)
+    assert name == f"aiohttp_jwtplus-{jwtplus.__version__}-py3-none-any.whl"
+    assert f"aiohttp_jwtplus-{jwtplus.__version__}.dist-info/licenses/LICENSE" in names
+    assert "License-Expression: MIT" in metadata
+    assert "Requires-Dist: aiohttp>=3.14,<4" in metadata
 
 
 # ---- The README's snippets, as pasted ----
