@@ -609,11 +609,17 @@ def _load_key(value: KeyInput, algorithms: Sequence[str], *, name: str, kid: str
     return _key_of(key, algorithms, kid, name)
 
 
+def _kty_fits(jwk: Mapping[str, Any], algorithm: str) -> bool:
+    """Whether *jwk*'s ``kty`` (and ``crv``) are those *algorithm* signs with."""
+    kty, crv = _ASYMMETRIC[algorithm]
+    return jwk.get("kty") == kty and (not crv or jwk.get("crv") == crv)
+
+
 def _jwk_key(jwk: dict[str, Any], algorithms: Sequence[str], name: str) -> Any:
     """The cryptography key of *jwk*, which must fit every algorithm of *algorithms*."""
     for algorithm in algorithms:
         kty, crv = _ASYMMETRIC[algorithm]
-        if jwk.get("kty") != kty or (crv and jwk.get("crv") != crv):
+        if not _kty_fits(jwk, algorithm):
             raise ValueError(
                 f"{name} is a JWK with kty={jwk.get('kty')!r} crv={jwk.get('crv')!r}; {algorithm} needs "
                 f"kty={kty!r}" + (f" crv={crv!r}" if crv else "")
@@ -1317,13 +1323,7 @@ def _jwks_keys(document: Any, provider: IdentityProvider) -> dict[str, _Key]:
             break
         if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
             continue
-        algorithms = [
-            a
-            for a in provider.algorithms
-            if jwk.get("alg", a) == a
-            and jwk.get("kty") == _ASYMMETRIC[a][0]
-            and (not _ASYMMETRIC[a][1] or jwk.get("crv") == _ASYMMETRIC[a][1])
-        ]
+        algorithms = [a for a in provider.algorithms if jwk.get("alg", a) == a and _kty_fits(jwk, a)]
         if not algorithms or jwk.get("use", "sig") != "sig" or len(jwk["kid"]) > _MAX_KID_LENGTH:
             continue
         if jwk["kid"] in twice:
