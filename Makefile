@@ -29,9 +29,11 @@ typecheck: $(VENV)/.test-installed
 pytest: $(VENV)/.test-installed
 	$(BIN)/pytest
 
-## demo: the SPA demo on http://127.0.0.1:8080 (examples/spa_demo.py; log in as jacky / jwtplus-demo)
+## demo: the SPA demo on http://127.0.0.1:8080 (examples/spa_demo.py; log in as jacky / jwtplus-demo);
+## make demo PORT=8081 for another port (a busy one is a one-line error)
+PORT ?= 8080
 demo: $(VENV)/.installed
-	$(BIN)/python examples/spa_demo.py --host 127.0.0.1 --port 8080
+	@$(BIN)/python examples/spa_demo.py --host 127.0.0.1 --port $(PORT)
 
 ## bench: jwtplus against bare aiohttp and its peers under wrk, and encode/decode against PyJWT;
 ## prints a Markdown table and writes it to bench/results.md, then the cache's memory bound and

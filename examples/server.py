@@ -1,6 +1,6 @@
 """The seed's demo: server_basic.py plus a few lines to start it with jwtplus in front.
 
-    python examples/server.py --host 127.0.0.1 --port 8080    # or: make demo
+    python examples/server.py --host 127.0.0.1 --port 8080    # (make demo runs the SPA demo, spa_demo.py)
     python examples/client.py --url http://127.0.0.1:8080     # in another shell
 
 Routing table (what a request gets):

@@ -9,21 +9,28 @@ the X-CSRF-Token header. When the access token expires, the page renews it
 silently with the refresh token; logging out revokes the whole login family. The
 routing table is the seed's: logged out, /index.html shows the login page; logged
 in, /login.html shows the app; unknown paths fall back to one or the other. The
+login page's own assets (/static/login.css, /favicon.ico, /robots.txt) are
+whitelisted, so they are served without a token instead of the login page. The
 WebSocket at /api/socket is authenticated by the same cookie: it greets the user
 with {"username": ..., "role": ..., "exp": ...}, echoes what it is sent, and closes
 with 4401 when the access token expires or the session ends (a logout in another
 tab); the page's live panel then renews over HTTP and reconnects, or goes to the
-login page.
+login page. Tabs renew one at a time (the Web Locks API), so two tabs whose token
+expired together stay logged in.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import ssl
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -33,6 +40,14 @@ import jwtplus
 PAGES = Path(__file__).parent / "spa"
 # The demo's accounts (name: password, role), printed at start-up and in the README.
 DEMO_USERS = {"jacky": ("jwtplus-demo", "user"), "admin": ("jwtplus-admin", "admin")}
+# What the login page needs before anyone logs in: served without a token. The patterns must match
+# the whole path (re.fullmatch), so escape the dots: r"/favicon.ico" would let "/faviconXico" through.
+LOGIN_ASSETS = {
+    "/static/login.css": "login.css",
+    "/favicon.ico": "favicon.ico",
+    "/robots.txt": "robots.txt",
+}
+WHITELIST = ("/api/login", r"/static/login\.css", r"/favicon\.ico", r"/robots\.txt")
 
 
 def _scrypt(password: str, salt: bytes) -> bytes:
@@ -68,18 +83,34 @@ async def login_page(request: web.Request) -> web.Response:
     return page("login.html")
 
 
+def asset(name: str) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    async def handler(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(PAGES / name)  # the content type follows the file name
+
+    return handler
+
+
 def make_app(
     cookies: jwtplus.CookiePolicy, *, secret: str | bytes = "", access_exptime: str = "15m"
 ) -> web.Application:
     sessions = jwtplus.Sessions(
-        manager=jwtplus.SecretManager(secret=secret), access_exptime=access_exptime, refresh_exptime="30d"
+        manager=jwtplus.SecretManager(secret=secret),
+        access_exptime=access_exptime,
+        refresh_exptime="30d",
+        # The pages renew one tab at a time (one refresh in flight per tab, serialized across tabs by
+        # the Web Locks API), so a refresh token is normally used once. This grace is the second line
+        # of defence, for a browser without Web Locks or a request that races anyway: a reuse within
+        # 10 s of the first use is refused (401) without revoking the family, and the page picks up
+        # the pair the first use set. Within those 10 s a thief's reuse goes unseen too, so keep it
+        # small (at most 60 s, and under access_exptime: half of it for --access-exptime 3s).
+        reuse_grace=min(10, jwtplus.parse_duration(access_exptime) / 2),
     )
     store = make_user_store(DEMO_USERS)
     helper = jwtplus.JWTHelper(
         unauthorized_return_route="/login.html",
         unauthorized_return_route_handler=login_page,
         authorized_return_page_handler=index_page,
-        whitelist=("/api/login",),
+        whitelist=WHITELIST,
         protected_apis=("/api/.*",),
         cookies=cookies,
         sessions=sessions,
@@ -151,6 +182,8 @@ def make_app(
 
     routes.get("/index.html")(index_page)
     routes.get("/login.html")(login_page)
+    for path, name in LOGIN_ASSETS.items():
+        routes.get(path)(asset(name))
     app = web.Application()
     jwtplus.setup(app, helper)
     app.add_routes(routes)
@@ -179,12 +212,24 @@ def main() -> None:
     # The demo serves plain http on 127.0.0.1, which browsers treat as a secure context, so the
     # strict defaults (Secure, __Host- names) work as they would behind https in production.
     cookies = jwtplus.CookiePolicy()
+    app = make_app(cookies, access_exptime=args.access_exptime)
+    listening = listen(args.host, args.port)  # bind first: a busy port is one line, before any banner
     url = f"{'https' if tls else 'http'}://{args.host}:{args.port}"
     print(f"jwtplus SPA demo on {url}/index.html - log in as", flush=True)
     for name, (password, role) in DEMO_USERS.items():
         print(f"    username: {name:<6} password: {password:<14} ({role})", flush=True)
-    app = make_app(cookies, access_exptime=args.access_exptime)
-    web.run_app(app, host=args.host, port=args.port, ssl_context=tls, print=None)
+    web.run_app(app, sock=listening, ssl_context=tls, print=None)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on *host*:*port*, or exit with one line on stderr that names the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)  # SO_REUSEADDR, as aiohttp
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            sys.exit(f"spa_demo: port {port} on {host} is already in use (make demo PORT=8081 picks another)")
+        sys.exit(f"spa_demo: cannot listen on {host} port {port}: {exc.strerror or exc}")
 
 
 if __name__ == "__main__":
