@@ -106,6 +106,8 @@ __all__ = (
     "AUTH_STATUS",
     "TOKEN_SOURCE",
     "get_auth_carry",
+    "get_auth_claims",
+    "get_auth_identity",
     "get_auth_status",
     # token getters
     "TokenGetter",
@@ -122,6 +124,7 @@ __all__ = (
     "authenticate",
     "basic_identifier",
     "subject_identifier",
+    "user_identifier",
     # routing
     "Action",
     "RoutePolicy",
@@ -129,6 +132,10 @@ __all__ = (
     "decide",
     "path_readings",
     "policy_of",
+    # answers
+    "REFUSAL_REASONS",
+    "OnRefusal",
+    "Refusal",
     # middleware factories
     "authentication_middleware",
     "jwt_middleware",
@@ -161,6 +168,7 @@ __all__ = (
     "login_required",
     "require",
     "require_claims",
+    "require_user",
     "route_options",
     "session_route",
     # WebSockets
@@ -170,6 +178,7 @@ __all__ = (
     # III. aiohttp wiring and 0.2.0 compatibility
     "JWTPLUS_HELPER",
     "JWTHelper",
+    "auth_headers",
     "setup",
     "show_request_info",
 )
@@ -426,9 +435,11 @@ class SecretManager:
                 setattr_("_keys", {single.kid: single})
                 setattr_("_signing", single)
 
-    def encode(self, payload: Mapping[str, Any], *, now: float | None = None) -> str:
+    def encode(
+        self, payload: Mapping[str, Any], *, now: float | None = None, expires_in: Duration | None = None
+    ) -> str:
         """Sign *payload* into a token: see :func:`encode_token`."""
-        return encode_token(self, payload, now=now)
+        return encode_token(self, payload, now=now, expires_in=expires_in)
 
     def decode(self, token: str | bytes, *, now: float | None = None) -> dict[str, Any]:
         """Verify *token* and return its claims: see :func:`decode_token`."""
@@ -842,21 +853,35 @@ def _time_claim(value: Any, name: str) -> Any:
     return value
 
 
-def encode_token(manager: SecretManager, payload: Mapping[str, Any], *, now: float | None = None) -> str:
+def encode_token(
+    manager: SecretManager,
+    payload: Mapping[str, Any],
+    *,
+    now: float | None = None,
+    expires_in: Duration | None = None,
+) -> str:
     """Sign *payload* into a compact JWT.
 
-    Adds ``iat``, ``exp`` (*now* + exptime), a random ``jti``, and ``iss``/``aud``
-    when configured; the payload's own items win (a ``datetime`` time claim
-    becomes seconds). With rotation on, the token is signed with its period's
-    key and names the period in ``kid``.
+    Adds ``iat``, ``exp`` (*now* + *expires_in*, by default the manager's
+    exptime), a random ``jti``, and ``iss``/``aud`` when configured; the
+    payload's own items win (a ``datetime`` time claim becomes seconds), but an
+    ``exp`` and *expires_in* together raise ValueError. With rotation on, the
+    token is signed with its period's key and names the period in ``kid``.
     """
     if not isinstance(payload, Mapping):
         raise TypeError(f"payload must be a mapping of claims, got {type(payload).__name__}")
     now = time.time() if now is None else now
     iat = int(now)
+    lifetime = manager.exptime_seconds
+    if expires_in is not None:
+        if "exp" in payload:
+            raise ValueError("pass expires_in= or an exp claim, not both: they say the same thing")
+        lifetime = parse_duration(expires_in, name="expires_in")
+        if lifetime <= 0:
+            raise ValueError(f"expires_in={expires_in!r} must be positive: use {_DURATION_FORMS}")
     claims: dict[str, Any] = {
         "iat": iat,
-        "exp": iat + manager.exptime_seconds,
+        "exp": iat + lifetime,
         "jti": secrets.token_urlsafe(16),
     }
     if manager.issuer is not None:
@@ -1536,6 +1561,20 @@ def get_auth_carry(request: web.Request) -> Any:
     return request[AUTH_CARRY]
 
 
+def get_auth_claims(request: web.Request) -> dict[str, Any] | None:
+    """Return the verified claims of the request's token (None unless it passed): flask-jwt-extended's
+    ``get_jwt()``."""
+    if AUTH_STATUS not in request:
+        raise _not_installed()
+    return request[AUTH_CLAIMS]
+
+
+def get_auth_identity(request: web.Request) -> str | None:
+    """Return who the request's token names, its ``sub`` or else its ``username`` (None unless it
+    passed): flask-jwt-extended's ``get_jwt_identity()``."""
+    return _identity(get_auth_claims(request))
+
+
 # ---- Token getters ----
 
 _NOT_AMBIENT = frozenset({"header", "query", "body"})
@@ -1677,6 +1716,27 @@ def subject_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
     return payload if isinstance(subject, str) and subject else None
 
 
+def user_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Accept a payload that names its user, by a non-empty ``sub`` (RFC 7519, what :class:`Sessions`
+    issue) or ``username`` string (the seed's), and carry it whole: the functional API's default."""
+    for name in ("sub", "username"):
+        value = payload.get(name)
+        if isinstance(value, str) and value:
+            return payload
+    return None
+
+
+def _identity(claims: Mapping[str, Any] | None) -> str | None:
+    """Who *claims* name: their ``sub``, else their ``username`` (non-empty strings), else None."""
+    if claims is None:
+        return None
+    for name in ("sub", "username"):
+        value = claims.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _claims_themselves(payload: dict[str, Any]) -> dict[str, Any]:
     """The identifier of the session helpers: they want the claims."""
     return payload
@@ -1701,6 +1761,38 @@ _TOKEN_TYPES = ("access", "refresh")
 
 Authenticator: TypeAlias = Callable[[web.Request, float], Awaitable[AuthResult]]
 
+REFUSAL_REASONS = (
+    "missing",
+    "malformed",
+    "invalid",
+    "expired",
+    "revoked",
+    "csrf",
+    "unidentified",
+    "rejected",
+    "needs_fresh",
+    "forbidden",
+    "unavailable",
+)
+"""Why a request was refused (:attr:`Refusal.reason`): no token; two different tokens; a bad token
+(signature, format, claims, the wrong type); an expired one; a revoked one; a failed CSRF check; a
+token the identifier did not accept (no such user); a check of yours that said "rejected"; a guard
+that wants a fresh login; a guard's predicate that did not hold; a store or key source that cannot
+be reached."""
+_REASON = web.RequestKey["tuple[str, str]"]("jwtplus_reason")
+"""Why the pipeline or a guard refused the request, and a detail for the log: never shown to clients."""
+
+
+def _failed(state: Any, result: AuthResult, reason: str, detail: str) -> AuthResult:
+    """Note on the request (its ``_state``) why the pipeline gave *result*, and return it."""
+    state[_REASON] = (reason, detail)
+    return result
+
+
+def _name(function: Any) -> str:
+    """A function's name for the log, never its arguments."""
+    return str(getattr(function, "__name__", None) or type(function).__name__)
+
 
 def _authenticator(
     verify: Callable[[str, float], dict[str, Any]],
@@ -1716,17 +1808,18 @@ def _authenticator(
     """
 
     async def judge(request: web.Request, now: float) -> AuthResult:
+        state = request._state
         try:
             token = token_getter(request)
             if token is not None and not isinstance(token, str):
                 token = await _maybe_await(token)
         except AmbiguousTokenError:
-            return _MALFORMED
+            return _failed(state, _MALFORMED, "malformed", "two different tokens")
         except Exception:
             _log.warning("jwtplus: the token getter raised; request treated as invalid", exc_info=True)
-            return _INVALID
+            return _failed(state, _INVALID, "invalid", "the token getter raised")
         if token is None or token == "":
-            return _MISSING
+            return _failed(state, _MISSING, "missing", "no token")
         try:
             try:
                 payload = verify(token, now)
@@ -1734,17 +1827,16 @@ def _authenticator(
                 await missing.fetch()
                 payload = verify(token, now)
         except jwt.ExpiredSignatureError:
-            return _EXPIRED
+            return _failed(state, _EXPIRED, "expired", "exp is past")
         except _KeysUnavailable:
-            return _UNAVAILABLE
+            return _failed(state, _UNAVAILABLE, "unavailable", "the issuer's keys cannot be fetched")
         except jwt.InvalidTokenError as exc:
-            _log.debug("jwtplus: token refused (%s)", type(exc).__name__)
-            return _INVALID
+            return _failed(state, _INVALID, "invalid", type(exc).__name__)
         except Exception:  # a bug, here or in PyJWT: refuse, and say so where it is seen
             _log.warning("jwtplus: verifying a token raised; request treated as invalid", exc_info=True)
-            return _INVALID
-        if payload.get("type", "access") != token_type:
-            return _INVALID  # a refresh token is never an access token, nor the reverse
+            return _failed(state, _INVALID, "invalid", "verifying raised")
+        if payload.get("type", "access") != token_type:  # a refresh token is never an access token
+            return _failed(state, _INVALID, "invalid", f"not an {token_type} token")
         for check in checks:
             try:
                 verdict = check(request, payload, now)
@@ -1752,24 +1844,27 @@ def _authenticator(
                     verdict = await _maybe_await(verdict)
             except Exception:
                 _log.warning("jwtplus: a check raised; request rejected", exc_info=True)
-                return _REJECTED
+                return _failed(state, _REJECTED, "rejected", f"{_name(check)} raised")
             if verdict is not None:
                 if isinstance(verdict, str) and verdict in _CHECK_VERDICTS:
-                    return _RESULTS[verdict]
+                    own = (
+                        getattr(check, "jwtplus_reason", None) if verdict in ("invalid", "rejected") else None
+                    )
+                    return _failed(state, _RESULTS[verdict], own or verdict, _name(check))
                 _log.warning(
                     "jwtplus: a check returned a %s, not None or a status; request rejected",
                     type(verdict).__name__,
                 )
-                return _REJECTED
+                return _failed(state, _REJECTED, "rejected", f"{_name(check)} returned no status")
         try:
             carry = identifier(payload)
             if hasattr(carry, "__await__"):  # a coroutine function's, or any awaitable
                 carry = await carry
             if not carry:
-                return _REJECTED
+                return _failed(state, _REJECTED, "unidentified", f"{_name(identifier)} said no")
         except Exception:
             _log.warning("jwtplus: the identifier raised; request rejected", exc_info=True)
-            return _REJECTED
+            return _failed(state, _REJECTED, "unidentified", f"{_name(identifier)} raised")
         return tuple.__new__(AuthResult, ("pass", carry, payload))  # AuthResult(...), minus its __new__
 
     return judge
@@ -1815,7 +1910,7 @@ async def authenticate(
     request: web.Request,
     manager: SecretManager,
     token_getter: TokenGetter = basic_token_getter,
-    identifier: Identifier = basic_identifier,
+    identifier: Identifier = user_identifier,
     *,
     token_type: str = "access",  # noqa: S107 (a token type, not a password)
     checks: Iterable[Check] = (),
@@ -2092,17 +2187,44 @@ _BODY_400 = b'{"error":"bad_request"}'
 _BODY_401 = b'{"error":"unauthorized"}'
 _BODY_403 = b'{"error":"forbidden"}'
 _BODY_503 = b'{"error":"unavailable"}'
+_BODY_CSRF = b'{"error":"csrf_failed"}'
 _BODIES = {400: _BODY_400, 401: _BODY_401, 403: _BODY_403, 503: _BODY_503}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
-def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
-    """The 400/401/403/503 answer (RFC 6750): the same body whatever check failed."""
+class Refusal(NamedTuple):
+    """A refused request, as an ``on_refusal`` hook sees it: the HTTP status, why (one of
+    :data:`REFUSAL_REASONS`), the request's :data:`AuthStatus`, and the answer jwtplus gives by default."""
+
+    status: int
+    reason: str
+    auth_status: AuthStatus
+    response: web.Response
+
+
+OnRefusal: TypeAlias = Callable[
+    [web.Request, Refusal], "web.StreamResponse | Awaitable[web.StreamResponse | None] | None"
+]
+"""``on_refusal(request, refusal)``, plain or async: the answer to give instead of ``refusal.response``,
+or None to give that one."""
+
+
+def _challenge(scheme: str, action: Action, status: AuthStatus, reason: str = "") -> web.Response:
+    """The 400/401/403/503 answer (RFC 6750): the same body whatever check failed, but for CSRF, which
+    the app's own script must be able to tell from a permission it lacks."""
     if action is Action.UNAVAILABLE:
         return web.Response(
             body=_BODY_503,
             status=503,
             content_type="application/json",
             headers={"Retry-After": "5", "Cache-Control": "no-store"},
+        )
+    if reason == "csrf" and action is Action.FORBIDDEN:  # not the token's fault: no challenge
+        return web.Response(
+            body=_BODY_CSRF,
+            status=403,
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )
     if action is Action.FORBIDDEN:
         challenge, body, code = f'{scheme} error="insufficient_scope"', _BODY_403, 403
@@ -2119,29 +2241,108 @@ def _challenge(scheme: str, action: Action, status: AuthStatus) -> web.Response:
     )
 
 
-def _http_error(scheme: str, status: AuthStatus) -> web.HTTPException:
-    """:func:`_challenge`'s answer as an exception, for helpers called inside handlers."""
-    answer = _challenge(scheme, _refusal(status), status)
+def _refusal_of(request: web.Request, scheme: str, action: Action, status: AuthStatus) -> Refusal:
+    """The refusal of *request* with *action*, logged in one line at INFO on the ``jwtplus`` logger:
+    the reason, the route and the request id (``X-Request-ID``), never a token or a secret."""
+    reason, detail = request._state.get(_REASON) or (status, "")
+    if action is Action.UNAVAILABLE:
+        reason = "unavailable"
+    answer = _challenge(scheme, action, status, reason)
+    if _log.isEnabledFor(logging.INFO):
+        given = request.headers.get("X-Request-ID", "")
+        _log.info(
+            "jwtplus: refused %s %s with %d: %s (%s) [request id %s]",
+            request.method,
+            request.rel_url.raw_path[:200],  # percent-encoded: no line breaks, and never the query
+            answer.status,
+            reason,
+            detail or reason,
+            given if _REQUEST_ID.fullmatch(given) else "-",
+        )
+    return Refusal(answer.status, reason, status, answer)
+
+
+Refuse: TypeAlias = Callable[[web.Request, Action], Awaitable[web.StreamResponse]]
+
+
+def _refuser(scheme: str, on_refusal: OnRefusal | None) -> Refuse:
+    """Return ``refuse(request, action)``: log the refusal, and answer it (through *on_refusal*, if any)."""
+
+    async def refuse(request: web.Request, action: Action) -> web.StreamResponse:
+        refusal = _refusal_of(request, scheme, action, request._state.get(AUTH_STATUS, "invalid"))
+        return refusal.response if on_refusal is None else await _shaped(request, refusal, on_refusal)
+
+    return refuse
+
+
+async def _shaped(request: web.Request, refusal: Refusal, on_refusal: OnRefusal) -> web.StreamResponse:
+    """What *on_refusal* answers to *refusal*: its response, or the default one when it returns None,
+    raises (logged) or returns something that is no response (logged)."""
+    try:
+        answer = await _maybe_await(on_refusal(request, refusal))
+    except Exception:
+        _log.warning("jwtplus: on_refusal raised; the default answer is given", exc_info=True)
+        return refusal.response
+    if answer is None:
+        return refusal.response
+    if not isinstance(answer, web.StreamResponse):
+        _log.warning(
+            "jwtplus: on_refusal returned a %s, not a response or None; the default answer is given",
+            type(answer).__name__,
+        )
+        return refusal.response
+    return answer
+
+
+def _validated_hook(on_refusal: OnRefusal | None) -> OnRefusal | None:
+    if on_refusal is not None and not callable(on_refusal):
+        raise TypeError(f"on_refusal must be a function (request, refusal) or None, got {on_refusal!r}")
+    return on_refusal
+
+
+def _http_error(
+    scheme: str, status: AuthStatus, request: web.Request | None = None, reason: str = "", detail: str = ""
+) -> web.HTTPException:
+    """:func:`_challenge`'s answer as an exception, for the helpers called inside handlers: logged like
+    the middleware's refusals when *request* is given (*reason*, or the one the pipeline just noted), and
+    shaped by the middleware's ``on_refusal`` hook."""
+    action = _refusal(status)
+    if request is None:
+        answer = _challenge(scheme, action, status, reason)
+        refusal = Refusal(answer.status, reason or status, status, answer)
+    else:
+        if reason:
+            request._state[_REASON] = (reason, detail or reason)
+        refusal = _refusal_of(request, scheme, action, status)
+    answer = refusal.response
     error = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden}.get(
         answer.status, web.HTTPServiceUnavailable
     )
     headers = {k: v for k, v in answer.headers.items() if k != "Content-Type"}
-    return error(text=_BODIES[answer.status].decode(), content_type="application/json", headers=headers)
+    raised: web.HTTPException = error(
+        text=cast(bytes, answer.body).decode(), content_type="application/json", headers=headers
+    )
+    raised.jwtplus_refusal = refusal  # type: ignore[attr-defined]
+    return raised
 
 
-async def _enforce(policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | None) -> Action | None:
+async def _enforce(
+    policy: RoutePolicy, status: AuthStatus, claims: dict[str, Any] | None, carry: Any, state: Any
+) -> Action | None:
     """The answer a guarded route gives instead of running its handler, or None to run it.
 
-    A predicate may be a coroutine function; one that raises refuses."""
+    A predicate may be a coroutine function; one that raises refuses. A guard that fails notes why."""
     if status != "pass" or claims is None:
         return _refusal(status)
     for predicate, failure in policy.requirements:
         try:
-            held = bool(await _maybe_await(predicate(claims)))
+            subject = carry if getattr(predicate, "jwtplus_on_carry", False) else claims
+            held = bool(await _maybe_await(predicate(subject)))
         except Exception:
             _log.warning("jwtplus: a guard's predicate raised; request refused", exc_info=True)
             held = False
         if not held:
+            state[_REASON] = (getattr(predicate, "jwtplus_reason", "forbidden"), _name(predicate))
             return failure
     return None
 
@@ -2164,7 +2365,9 @@ def _located_getter(
     return getters[0] if len(getters) == 1 else any_token_getter(*getters)
 
 
-Identify: TypeAlias = Callable[[web.Request, "RoutePolicy | None"], Awaitable["AuthStatus | web.Response"]]
+Identify: TypeAlias = Callable[
+    [web.Request, "RoutePolicy | None"], Awaitable["AuthStatus | Action | web.Response"]
+]
 
 
 class _Pipeline(NamedTuple):
@@ -2216,8 +2419,8 @@ def _identifier(
     clock: Callable[[], float],
 ) -> tuple[Identify, TokenDecoder, str]:
     """Return ``identify(request, policy)``: run the pipeline (as the route's policy says), put the
-    result on the request, and return its status, or the answer a guard on the route gives instead;
-    with the decoder and the scheme."""
+    result on the request, and return its status, or the refusal of a guard on the route (an
+    :class:`Action`), or the 500 of a wiring that judges twice; with the decoder and the scheme."""
     if not callable(clock):
         raise TypeError(f"clock must be a function returning Unix seconds, such as time.time, got {clock!r}")
     decode, scheme, leeway = _key_source(manager, issuers, cache_size, clock)
@@ -2227,7 +2430,7 @@ def _identifier(
         raise TypeError(f"token_getter must be callable or None, got {token_getter!r}")
     if identifier is not None and not callable(identifier):
         raise TypeError(f"identifier must be callable or None, got {identifier!r}")
-    identifier = identifier or (basic_identifier if manager is not None else subject_identifier)
+    identifier = identifier or (user_identifier if manager is not None else subject_identifier)
     checks = _checks(checks)
     cookies = _csrf_policy(checks) or DEFAULT_COOKIES
 
@@ -2251,7 +2454,9 @@ def _identifier(
             found = judges[key] = pipeline(getter, policy.token_type)
         return found
 
-    async def identify(request: web.Request, policy: RoutePolicy | None) -> AuthStatus | web.Response:
+    async def identify(
+        request: web.Request, policy: RoutePolicy | None
+    ) -> AuthStatus | Action | web.Response:
         # the request's own storage: request[...] = ... costs a Python call per key on every request,
         # and warns once per string key (the seed's two)
         state = request._state
@@ -2269,25 +2474,25 @@ def _identifier(
             return status
         request[_ENFORCED] = policy
         if policy.requirements:
-            action = await _enforce(policy, status, claims)
+            action = await _enforce(policy, status, claims, carry, state)
             if action is not None:
-                return _challenge(scheme, action, status)
+                return action
         return status
 
     return identify, decode, scheme
 
 
-Route: TypeAlias = Callable[[web.Request, AuthStatus, "RoutePolicy | None"], "Handler | web.Response | None"]
+Route: TypeAlias = Callable[[web.Request, AuthStatus, "RoutePolicy | None"], "Handler | Action | None"]
 
 
 def _router(
     rules: RoutingRules,
     login_page_handler: Handler | None,
     app_page_handler: Handler | None,
-    scheme: str,
 ) -> Route:
     """Return ``route(request, status, policy)``: None to run the request's own handler, a page handler to
-    run instead, or a ready 400/401/403/503 answer. Decisions are remembered (``decide`` is pure)."""
+    run instead, or the refusal (an :class:`Action`) to answer. Decisions are remembered (``decide``
+    is pure)."""
     if not isinstance(rules, RoutingRules):
         raise TypeError(f"rules must be a RoutingRules, got {rules!r}")
     if rules.login_page != (login_page_handler is not None) or rules.app_page != (
@@ -2305,7 +2510,7 @@ def _router(
 
     def route(
         request: web.Request, status: AuthStatus, policy: RoutePolicy | None
-    ) -> Handler | web.Response | None:
+    ) -> Handler | Action | None:
         if policy is not None and policy.any_state:
             return None
         action = decided(
@@ -2326,7 +2531,7 @@ def _router(
             return login_page_handler
         if action is Action.APP_PAGE and app_page_handler is not None:
             return app_page_handler
-        return _challenge(scheme, action, status)
+        return action
 
     return route
 
@@ -2393,6 +2598,7 @@ def authentication_middleware(
     checks: Iterable[Check] = (),
     cache_size: int = 10_000,
     clock: Callable[[], float] = time.time,
+    on_refusal: OnRefusal | None = None,
 ) -> Middleware:
     """Return the middleware that runs the pipeline on each request and stores the result.
 
@@ -2400,7 +2606,7 @@ def authentication_middleware(
     seed's ``'auth_status'`` and ``'auth_carry'``), enforces the guards on the
     matched handler, then calls the handler. The default getter reads
     ``Authorization`` with the manager's scheme (so does :data:`basic_token_getter`
-    here); the default identifier is :func:`basic_identifier`. *checks* run after
+    here); the default identifier is :func:`user_identifier`. *checks* run after
     the signature and the token type, CSRF first (see :func:`authenticate`).
     Verified tokens are remembered in a :func:`cached_decoder` of *cache_size*
     entries (0: none); ``middleware.cache_info()`` reports on it. *clock* tells the time (Unix
@@ -2409,10 +2615,28 @@ def authentication_middleware(
     Tokens are this app's own (*manager*), or those of identity providers
     (*issuers*, one or several, chosen by each token's ``iss``): exactly one of
     the two. With *issuers* the default identifier is :func:`subject_identifier`.
+
+    Each refusal (a guard's here) is logged in one line at INFO on the ``jwtplus`` logger;
+    *on_refusal*, given, shapes its answer, and those of the session helpers that raise inside
+    handlers (see :class:`Refusal`).
     """
     return _authentication(
-        manager, issuers, token_getter, identifier, checks, cache_size, clock, needs_router=False
+        manager, issuers, token_getter, identifier, checks, cache_size, clock, on_refusal, needs_router=False
     )
+
+
+async def _shaping(handler: Handler, request: web.Request, on_refusal: OnRefusal) -> web.StreamResponse:
+    """Run *handler*; a refusal a jwtplus helper raises in it goes through *on_refusal* too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        refusal = getattr(exc, "jwtplus_refusal", None)
+        if not isinstance(refusal, Refusal):
+            raise
+        answer = await _shaped(request, refusal, on_refusal)
+        if answer is refusal.response:
+            raise
+        return answer
 
 
 def _authentication(
@@ -2423,12 +2647,16 @@ def _authentication(
     checks: Iterable[Check],
     cache_size: int,
     clock: Callable[[], float],
+    on_refusal: OnRefusal | None,
     *,
     needs_router: bool,
 ) -> Middleware:
     """:func:`authentication_middleware`; *needs_router* refuses every request (500, logged) where no jwtplus
     router runs after it, as the helper's first middleware does: its routing table would not apply."""
-    identify, decode, _ = _identifier(manager, issuers, token_getter, identifier, checks, cache_size, clock)
+    identify, decode, scheme = _identifier(
+        manager, issuers, token_getter, identifier, checks, cache_size, clock
+    )
+    refuse = _refuser(scheme, _validated_hook(on_refusal))
     routed: dict[tuple[web.Application, ...], bool] = {}
 
     @web.middleware
@@ -2442,8 +2670,12 @@ def _authentication(
                 return _misconfigured(_UNROUTED)
         verdict = await identify(request, policy_of(request))
         if verdict.__class__ is not str:
+            if isinstance(verdict, Action):
+                return await refuse(request, verdict)
             return cast(web.Response, verdict)
-        return await handler(request)
+        if on_refusal is None:
+            return await handler(request)
+        return await _shaping(handler, request, on_refusal)
 
     return _with_cache_info(_kind(jwt_authentication, "authentication"), decode)
 
@@ -2454,13 +2686,16 @@ def router_middleware(
     login_page_handler: Handler | None = None,
     app_page_handler: Handler | None = None,
     scheme: str = "Bearer",
+    on_refusal: OnRefusal | None = None,
 ) -> Middleware:
     """Return the middleware that applies :func:`decide` to each authenticated request.
 
     It must come after :func:`authentication_middleware`; *scheme* is the
-    manager's, for the challenges it sends.
+    manager's, for the challenges it sends. Each refusal is logged in one line,
+    and *on_refusal*, given, shapes its answer (see :class:`Refusal`).
     """
-    route = _router(rules, login_page_handler, app_page_handler, scheme)
+    route = _router(rules, login_page_handler, app_page_handler)
+    refuse = _refuser(scheme, _validated_hook(on_refusal))
 
     @web.middleware
     async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -2471,7 +2706,7 @@ def router_middleware(
         target = route(request, status, state.get(_ENFORCED))
         if target is None:
             return await handler(request)
-        return target if isinstance(target, web.StreamResponse) else await target(request)
+        return await refuse(request, target) if isinstance(target, Action) else await target(request)
 
     return _kind(jwt_router, "router")
 
@@ -2488,6 +2723,7 @@ def jwt_middleware(
     app_page_handler: Handler | None = None,
     cache_size: int = 10_000,
     clock: Callable[[], float] = time.time,
+    on_refusal: OnRefusal | None = None,
 ) -> Middleware:
     """Both middlewares in one: authenticate, then route; one layer fewer on every request.
 
@@ -2496,18 +2732,23 @@ def jwt_middleware(
     identify, decode, scheme = _identifier(
         manager, issuers, token_getter, identifier, checks, cache_size, clock
     )
-    route = _router(rules, login_page_handler, app_page_handler, scheme)
+    route = _router(rules, login_page_handler, app_page_handler)
+    refuse = _refuser(scheme, _validated_hook(on_refusal))
 
     @web.middleware
     async def jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         policy = policy_of(request)
         verdict = await identify(request, policy)
         if verdict.__class__ is not str:
+            if isinstance(verdict, Action):
+                return await refuse(request, verdict)
             return cast(web.Response, verdict)
         target = route(request, cast(AuthStatus, verdict), policy)
         if target is None:
-            return await handler(request)
-        return target if isinstance(target, web.StreamResponse) else await target(request)
+            if on_refusal is None:
+                return await handler(request)
+            return await _shaping(handler, request, on_refusal)
+        return await refuse(request, target) if isinstance(target, Action) else await target(request)
 
     return _with_cache_info(_kind(jwt_auth, "both"), decode)
 
@@ -2533,6 +2774,9 @@ class CookiePolicy:
     """The script-readable CSRF cookie's name (before any ``__Host-`` prefix)."""
     csrf_header: str = "X-CSRF-Token"
     """The header an unsafe cookie-authenticated request must echo the CSRF value in."""
+    csrf_field: str | None = None
+    """A form field that may carry the CSRF value instead of the header, for a plain HTML
+    ``<form method="post">`` (urlencoded or multipart); None: the header only."""
     refresh_name: str = "refresh_token"
     """The refresh token cookie's name (see :class:`Sessions`), before any prefix."""
     refresh_path: str = "/"
@@ -2558,6 +2802,13 @@ class CookiePolicy:
             value = getattr(self, name)
             if not isinstance(value, str) or not _HTTP_TOKEN.fullmatch(value):
                 raise ValueError(f"{name}={value!r} must be a cookie or header name (letters, digits, -_.)")
+        if self.csrf_field is not None and (
+            not isinstance(self.csrf_field, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.csrf_field)
+        ):
+            raise ValueError(
+                f"csrf_field={self.csrf_field!r} must be None (the header only) or a form field name "
+                "(letters, digits, -_.)"
+            )
         if self.samesite not in ("Lax", "Strict", "None"):
             raise ValueError(f'samesite={self.samesite!r} must be "Lax", "Strict" or "None"')
         if self.samesite == "None" and not self.secure:
@@ -2668,46 +2919,69 @@ def _origin_ok(request: web.Request, cookies: CookiePolicy) -> bool:
     return origin.partition("://")[2] == request.host or origin in cookies.trusted_origins
 
 
-def _csrf_ok(request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy) -> bool:
+_FORMS = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+def _csrf_ok(
+    request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy, given: str | None
+) -> bool:
     """Whether an unsafe request authenticated by cookie comes from the app itself.
 
-    It must echo the token's ``csrf`` claim in the CSRF header (compared in
-    constant time), and where the browser says where it comes from
-    (``Sec-Fetch-Site``, ``Origin``), that must be the same origin or a trusted one.
+    It must echo the token's ``csrf`` claim (*given*: from the CSRF header or
+    form field; compared in constant time), and where the browser says where it
+    comes from (``Sec-Fetch-Site``, ``Origin``), that must be the same origin or a trusted one.
     """
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
         return False
     if not _origin_ok(request, cookies):
         return False
-    expected, given = claims.get("csrf"), request.headers.get(cookies.csrf_header)
+    expected = claims.get("csrf")
     if not isinstance(expected, str) or not expected or given is None:
         return False
     return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8", "replace"))
+
+
+async def _form_csrf(request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy) -> str | None:
+    """The CSRF verdict of a form that carries the value in ``cookies.csrf_field`` (the handler can still
+    read the form: aiohttp keeps it); a body too large or unreadable fails."""
+    try:
+        form = await request.post()
+    except Exception:
+        return "rejected"
+    value = form.get(cast(str, cookies.csrf_field))
+    return None if isinstance(value, str) and _csrf_ok(request, claims, cookies, value) else "rejected"
 
 
 def csrf_check(cookies: CookiePolicy = DEFAULT_COOKIES, *, every_method: bool = False) -> Check:
     """The check the cookie section contributes, for tokens a browser attached by itself (any source
     but a header, a query or a JSON body): whatever the method, an ``Origin`` must be the request's
     own or in ``cookies.trusted_origins``, and a WebSocket handshake must carry one; an unsafe request
-    must also pass the double-submit test. Failing is ``"rejected"`` (403). *every_method* asks the
-    double-submit test of safe methods too.
+    must also pass the double-submit test (the CSRF header, or ``cookies.csrf_field`` of a form).
+    Failing is ``"rejected"``, answered 403 ``{"error":"csrf_failed"}`` on
+    every route. *every_method* asks the double-submit test of safe methods too.
 
     Every pipeline has one: without a CSRF check of your own, the default policy's runs first.
     """
     if not isinstance(cookies, CookiePolicy):
         raise TypeError(f"cookies must be a CookiePolicy, got {cookies!r}")
     exempt: frozenset[str] = frozenset() if every_method else _SAFE_METHODS
+    header, field_name = cookies.csrf_header, cookies.csrf_field
 
-    def check_csrf(request: web.Request, claims: dict[str, Any], now: float) -> str | None:
+    def check_csrf(
+        request: web.Request, claims: dict[str, Any], now: float
+    ) -> str | Awaitable[str | None] | None:
         if request.get(TOKEN_SOURCE) in _NOT_AMBIENT:
             return None
-        if _origin_ok(request, cookies) if request.method in exempt else _csrf_ok(request, claims, cookies):
-            return None
-        _log.info("jwtplus: CSRF check failed for %s %s", request.method, request.path)
-        return "rejected"
+        if request.method in exempt:
+            return None if _origin_ok(request, cookies) else "rejected"
+        given = request.headers.get(header)
+        if given is None and field_name is not None and request.content_type in _FORMS:
+            return _form_csrf(request, claims, cookies)
+        return None if _csrf_ok(request, claims, cookies, given) else "rejected"
 
     check_csrf.csrf_policy = cookies  # type: ignore[attr-defined]
+    check_csrf.jwtplus_reason = "csrf"  # type: ignore[attr-defined]
     return check_csrf
 
 
@@ -3015,6 +3289,7 @@ def revocation_check(sessions: Sessions) -> Check:
             _store_failed(exc, "auth_status is 'unavailable' (503 wherever a token is needed)")
             return "unavailable"
 
+    check_revocation.jwtplus_reason = "revoked"  # type: ignore[attr-defined]
     return check_revocation
 
 
@@ -3054,18 +3329,18 @@ async def refresh_session(
     now = time.time() if now is None else now
     status, _, claims = await _session_judge(sessions, cookies, "refresh")(request, now)
     if status != "pass" or claims is None:
-        raise _http_error(scheme, status)
+        raise _http_error(scheme, status, request)
     family, jti, subject = _text(claims, "fam"), _text(claims, "jti"), _text(claims, "sub")
     if family is None or jti is None or subject is None:
-        raise _http_error(scheme, "invalid")
+        raise _http_error(scheme, "invalid", request, "invalid", "a refresh token without fam, jti or sub")
     auth_time = claims.get("auth_time", claims.get("iat"))  # 1.0's tokens have no auth_time
     if (
         not isinstance(auth_time, int)
         or isinstance(auth_time, bool)
         or now >= auth_time + sessions.login_seconds
     ):
-        raise _http_error(scheme, "invalid")  # the login is over: the password again
-    kept = await _reloaded(sessions, claims, subject, family, now)
+        raise _http_error(scheme, "invalid", request, "expired", "the login lifetime is over")
+    kept = await _reloaded(request, sessions, claims, subject, family, now)
     try:
         key = _store_key(sessions, "used", jti)
         used_at = await sessions.store.consume(key, now, _outlives(sessions, claims["exp"]), now)
@@ -3074,12 +3349,12 @@ async def refresh_session(
             if not sessions.grace_seconds or not 0 <= now - used_at <= sessions.grace_seconds:
                 _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
                 await revoke_family(sessions, family, now=now)
-            raise _http_error(scheme, "invalid")
+            raise _http_error(scheme, "invalid", request, "revoked", "a refresh token used again")
     except web.HTTPException:
         raise
     except Exception as exc:
         _store_failed(exc, "refresh refused (503)")
-        raise _http_error(scheme, "unavailable") from None
+        raise _http_error(scheme, "unavailable", request, "unavailable", "the store failed") from None
     generation = claims.get("gen")
     return _mint(
         sessions,
@@ -3094,7 +3369,12 @@ async def refresh_session(
 
 
 async def _reloaded(
-    sessions: Sessions, claims: Mapping[str, Any], subject: str, family: str, now: float
+    request: web.Request,
+    sessions: Sessions,
+    claims: Mapping[str, Any],
+    subject: str,
+    family: str,
+    now: float,
 ) -> dict[str, Any]:
     """The claims a refreshed pair carries: the refresh token's own, or what ``reload_claims`` says.
 
@@ -3110,18 +3390,18 @@ async def _reloaded(
         if reloaded is None:
             _log.info("jwtplus: reload_claims ended a login; its family is revoked")
             await revoke_family(sessions, family, now=now)
-            raise _http_error(scheme, "invalid")
+            raise _http_error(scheme, "invalid", request, "revoked", "reload_claims ended the login")
     except web.HTTPException:
         raise
     except Exception:
         _log.warning("jwtplus: reload_claims or the store raised; refresh refused (503)", exc_info=True)
-        raise _http_error(scheme, "unavailable") from None
+        raise _http_error(scheme, "unavailable", request, "unavailable", "reload_claims raised") from None
     if not isinstance(reloaded, Mapping):
         _log.warning(
             "jwtplus: reload_claims returned a %s, not claims or None; refresh refused (503)",
             type(reloaded).__name__,
         )
-        raise _http_error(scheme, "unavailable")
+        raise _http_error(scheme, "unavailable", request, "unavailable", "reload_claims returned no claims")
     return {k: v for k, v in reloaded.items() if k not in _REGISTERED_CLAIMS}
 
 
@@ -3196,18 +3476,20 @@ async def end_session(
     now = time.time() if now is None else now
     judged = request.get(AUTH_STATUS)
     if judged in ("rejected", "malformed", "unavailable"):  # what the middleware refused, logout refuses
-        raise _http_error(scheme, judged)
+        raise _http_error(scheme, judged, request)
     if judged == "pass":
         claims = request[AUTH_CLAIMS]
         # the middleware lets safe methods skip CSRF; a logout, whatever its method, may not
-        if claims is not None and csrf_check(cookies, every_method=True)(request, claims, now) is not None:
-            raise _http_error(scheme, "rejected")
+        if claims is not None and await _maybe_await(
+            csrf_check(cookies, every_method=True)(request, claims, now)
+        ):
+            raise _http_error(scheme, "rejected", request, "csrf", "a logout without the CSRF value")
     else:
         claims = None
         for token_type in ("access", "refresh"):
             status, _, claims = await _session_judge(sessions, cookies, token_type)(request, now)
             if status in ("rejected", "malformed", "unavailable"):
-                raise _http_error(scheme, status)
+                raise _http_error(scheme, status, request)
             if status == "pass":
                 break
     if claims is None:
@@ -3229,7 +3511,7 @@ async def end_session(
             )
     except Exception as exc:
         _store_failed(exc, "logout refused (503)")
-        raise _http_error(scheme, "unavailable") from None
+        raise _http_error(scheme, "unavailable", request, "unavailable", "the store failed") from None
 
 
 # ---- Revocation stores ----
@@ -3453,6 +3735,9 @@ def _fresh(claims: dict[str, Any]) -> bool:
     return claims.get("fresh") is True
 
 
+_fresh.jwtplus_reason = "needs_fresh"  # type: ignore[attr-defined]
+
+
 def login_required(handler: _H) -> _H:
     """Decorate a handler (a function, a ``web.View`` or one of its methods) to answer 401 (or 403, 503)
     unless the request carries an accepted token. Enforced by the middleware before the handler runs."""
@@ -3470,6 +3755,21 @@ def require(predicate: Callable[[dict[str, Any]], bool | Awaitable[bool]]) -> Ca
     if not callable(predicate):
         raise TypeError(f"require() takes a predicate on the claims, got {predicate!r}")
     return _guard((predicate, Action.FORBIDDEN))
+
+
+def require_user(predicate: Callable[[Any], bool | Awaitable[bool]]) -> Callable[[_H], _H]:
+    """Decorate a handler to answer 403 ``insufficient_scope`` unless *predicate(carry)* holds: it sees
+    what the identifier returned (the user it loaded, with a role from the database, say), where
+    :func:`require` sees the claims."""
+    if not callable(predicate):
+        raise TypeError(f"require_user() takes a predicate on the identifier's result, got {predicate!r}")
+
+    async def on_carry(carry: Any) -> bool:
+        return bool(await _maybe_await(predicate(carry)))
+
+    on_carry.jwtplus_on_carry = True  # type: ignore[attr-defined]
+    on_carry.__name__ = on_carry.__qualname__ = _name(predicate)
+    return _guard((on_carry, Action.FORBIDDEN))
 
 
 def _same(actual: Any, value: Any) -> bool:
@@ -3667,6 +3967,38 @@ def setup(app: web.Application, helper: JWTHelper) -> JWTHelper:
     return helper
 
 
+# ---- Testing your app ----
+
+
+def auth_headers(
+    manager: SecretManager,
+    claims: Mapping[str, Any],
+    *,
+    cookies: CookiePolicy | None = None,
+    now: float | None = None,
+    expires_in: Duration | None = None,
+) -> dict[str, str]:
+    """Headers that log a test request in as *claims*: ``Authorization: <scheme> <token>``; with
+    *cookies*, what a logged-in browser sends instead (the token and CSRF cookies, and the CSRF header).
+
+    For aiohttp's test client, whose cookie jar never sends the default ``Secure``
+    cookies to ``http://127.0.0.1``::
+
+        await client.get("/api/me", headers=jwtplus.auth_headers(manager, {"sub": "ann"}))
+    """
+    if cookies is None:
+        token = encode_token(manager, claims, now=now, expires_in=expires_in)
+        return {"Authorization": f"{manager.scheme} {token}"}
+    if not isinstance(cookies, CookiePolicy):
+        raise TypeError(f"cookies must be a CookiePolicy or None, got {cookies!r}")
+    csrf = secrets.token_urlsafe(32)
+    token = encode_token(manager, {**claims, "csrf": csrf}, now=now, expires_in=expires_in)
+    return {
+        "Cookie": f"{cookies.token_cookie}={token}; {cookies.csrf_cookie}={csrf}",
+        cookies.csrf_header: csrf,
+    }
+
+
 # ---- The seed's names ----
 
 
@@ -3693,7 +4025,8 @@ class JWTHelper:
     token_getter: TokenGetter | None = None
     """None: read ``Authorization: <scheme> <token>`` with the manager's scheme (and the cookie)."""
     identifier: Identifier | None = None
-    """None: :func:`basic_identifier`."""
+    """None: :func:`basic_identifier` (the seed's: a ``username``), or with *sessions*, whose tokens
+    carry ``sub``, :func:`user_identifier`."""
     whitelist: _Patterns = ()
     """Paths whose handler always runs."""
     protected_apis: _Patterns = ()
@@ -3709,6 +4042,8 @@ class JWTHelper:
     """How many verified tokens to remember (see :func:`cached_decoder`); 0: none."""
     clock: Callable[[], float] = time.time
     """What time it is, in Unix seconds (see :func:`authentication_middleware`)."""
+    on_refusal: OnRefusal | None = None
+    """Shapes the answer to each refusal (see :class:`Refusal`); None: jwtplus's uniform answers."""
     manager: SecretManager = field(init=False, repr=False)
     """The secret manager in use (the given one, or a new one)."""
     rules: RoutingRules = field(init=False, repr=False)
@@ -3724,6 +4059,7 @@ class JWTHelper:
             "token_getter",
             "identifier",
             "clock",
+            "on_refusal",
         ):
             value = getattr(self, name)
             if value is not None and not callable(value):
@@ -3764,6 +4100,11 @@ class JWTHelper:
             return self.token_getter
         return None if self.cookies is None else _header_or_cookie_getter(self.manager.scheme, self.cookies)
 
+    def _identifier(self) -> Identifier:
+        if self.identifier is not None:
+            return self.identifier
+        return basic_identifier if self.sessions is None else user_identifier
+
     def pre_jwt_identifier(self) -> Middleware:
         """The first middleware: authenticate the request (see :func:`authentication_middleware`).
 
@@ -3773,10 +4114,11 @@ class JWTHelper:
             self.manager,
             (),
             self._getter(),
-            self.identifier,
+            self._identifier(),
             self.all_checks,
             self.cache_size,
             self.clock,
+            self.on_refusal,
             needs_router=True,
         )
 
@@ -3787,6 +4129,7 @@ class JWTHelper:
             login_page_handler=self.unauthorized_return_route_handler,
             app_page_handler=self.authorized_return_page_handler,
             scheme=self.manager.scheme,
+            on_refusal=self.on_refusal,
         )
 
     def middleware(self) -> Middleware:
@@ -3795,12 +4138,13 @@ class JWTHelper:
             manager=self.manager,
             rules=self.rules,
             token_getter=self._getter(),
-            identifier=self.identifier,
+            identifier=self._identifier(),
             checks=self.all_checks,
             login_page_handler=self.unauthorized_return_route_handler,
             app_page_handler=self.authorized_return_page_handler,
             cache_size=self.cache_size,
             clock=self.clock,
+            on_refusal=self.on_refusal,
         )
 
 

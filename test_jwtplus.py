@@ -35,7 +35,9 @@ import shutil
 import signal
 import socket
 import string
+import subprocess
 import sys
+import textwrap
 import time
 import urllib.parse
 import warnings
@@ -60,6 +62,8 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import get_default_algorithms
 from multidict import CIMultiDict, CIMultiDictProxy
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 import jwtplus
 from jwtplus import Action, JWTHelper, RoutingRules, SecretManager, decide
@@ -2380,6 +2384,291 @@ def _bare_request() -> web.Request:
     from aiohttp.test_utils import make_mocked_request
 
     return make_mocked_request("GET", "/")
+
+
+# ---- Refusals a developer can diagnose: one log line each, and a hook that shapes the answer ----
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "jwtplus" and "refused" in r.getMessage()]
+
+
+def refusal_app(sm: SecretManager, **kwargs: Any) -> web.Application:
+    """An API app: /api/me (any passing token), /api/admin (role admin), /api/password (a fresh login)."""
+    routes = web.RouteTableDef()
+
+    @routes.get("/api/me")
+    async def me(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"identity": jwtplus.get_auth_identity(request), "claims": jwtplus.get_auth_claims(request)}
+        )
+
+    @routes.get("/api/admin")
+    @jwtplus.require_claims(role="admin")
+    async def admin(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    @routes.get("/api/password")
+    @jwtplus.fresh_login_required
+    async def password(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    kwargs.setdefault("rules", RoutingRules(protected_apis=("/api/.*",)))
+    app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=sm, **kwargs)])
+    app.add_routes(routes)
+    return app
+
+
+def alg_none(claims: dict[str, Any]) -> str:
+    head = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{head}.{body}."
+
+
+async def test_each_refusal_is_one_log_line_with_its_reason_route_and_request_id(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sm = manager()
+    client = await aiohttp_client(refusal_app(sm))
+    ann = sm.encode({"sub": "ann"})
+    cases = [
+        ("/api/me", {}, 401, "missing"),
+        ("/api/me", {"Authorization": f"Token {ann}"}, 401, "missing"),  # the wrong scheme: no token
+        ("/api/me", bearer(sm.encode({"sub": "ann"}, now=time.time() - 86400 * 31)), 401, "expired"),
+        ("/api/me", bearer(manager(secret=b"another secret of 32 bytes......").encode({"sub": "a"})), 401,
+         "invalid (InvalidSignatureError)"),
+        ("/api/me", bearer(alg_none({"sub": "ann"})), 401, "invalid"),
+        ("/api/me", bearer(sm.encode({"type": "refresh", "sub": "a"})), 401, "invalid (not an access token)"),
+        ("/api/me", bearer(sm.encode({"name": "no sub, no username"})), 403, "unidentified"),
+        ("/api/admin", bearer(sm.encode({"sub": "ann", "role": "user"})), 403, "forbidden"),
+        ("/api/password", bearer(ann), 401, "needs_fresh"),
+    ]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    for path, headers, status, reason in cases:
+        caplog.clear()
+        response = await client.get(path, headers={**headers, "X-Request-ID": "req-42"})
+        assert response.status == status, (path, reason)
+        (line,) = refusal_lines(caplog)
+        assert line.startswith(f"jwtplus: refused GET {path} with {status}: {reason.split(' ')[0]} ")
+        assert reason in line and line.endswith("[request id req-42]"), line
+        token = headers.get("Authorization", "").partition(" ")[2]
+        assert SECRET.decode() not in line and (not token or token not in line)
+    # the answer is as uniform as before: the log, not the client, learns which check failed
+    bodies = {await (await client.get("/api/me", headers=h)).read() for _, h, s, _ in cases[2:6]}
+    assert bodies == {b'{"error":"unauthorized"}'}
+    caplog.clear()
+    assert (await client.get("/api/me", headers=bearer(ann))).status == 200
+    assert refusal_lines(caplog) == []  # a request that passes logs nothing
+
+
+async def test_refusal_lines_carry_no_query_no_line_break_and_no_forged_request_id(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sm = manager()
+    client = await aiohttp_client(refusal_app(sm))
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    token = sm.encode({"name": "nobody"})
+    response = await client.get(
+        f"/api/me%0Aforged?access_token={token}", headers={**bearer(token), "X-Request-ID": "a\tb"}
+    )
+    assert response.status in (401, 403, 404)
+    (line,) = refusal_lines(caplog)
+    assert "\n" not in line and token not in line and "access_token" not in line
+    assert line.endswith("[request id -]")
+
+
+async def test_refusals_are_silent_at_the_default_level(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await aiohttp_client(refusal_app(manager()))
+    caplog.set_level(logging.WARNING, logger="jwtplus")
+    assert (await client.get("/api/me")).status == 401
+    assert refusal_lines(caplog) == []
+
+
+async def test_on_refusal_shapes_the_answer_per_reason(aiohttp_client: Any) -> None:
+    sm = manager()
+    seen: list[jwtplus.Refusal] = []
+
+    async def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> web.StreamResponse | None:
+        seen.append(refusal)
+        if refusal.reason == "expired":
+            return web.json_response({"msg": "Token has expired"}, status=401)
+        if refusal.reason == "needs_fresh":
+            return web.json_response({"msg": "Fresh token required"}, status=401)
+        return None  # the default answer
+
+    client = await aiohttp_client(refusal_app(sm, on_refusal=on_refusal))
+    old = sm.encode({"sub": "ann"}, now=time.time() - 86400 * 31)
+    expired = await client.get("/api/me", headers=bearer(old))
+    assert (expired.status, await expired.json()) == (401, {"msg": "Token has expired"})
+    stale = await client.get("/api/password", headers=bearer(sm.encode({"sub": "ann"})))
+    assert await stale.json() == {"msg": "Fresh token required"}
+    missing = await client.get("/api/me")
+    assert (missing.status, missing.headers["WWW-Authenticate"], await missing.read()) == (
+        401, "Bearer", b'{"error":"unauthorized"}',
+    )  # fmt: skip
+    assert [(r.status, r.reason, r.auth_status) for r in seen] == [
+        (401, "expired", "expired"), (401, "needs_fresh", "pass"), (401, "missing", "missing"),
+    ]  # fmt: skip
+    assert seen[-1].response.status == 401 and seen[-1].response.body == b'{"error":"unauthorized"}'
+
+
+@pytest.mark.parametrize("bad", ["raises", "not a response"])
+async def test_a_broken_on_refusal_hook_gives_the_default_answer(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture, bad: str
+) -> None:
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> Any:
+        if bad == "raises":
+            raise RuntimeError("a bug in the hook")
+        return {"error": "a dict is no response"}
+
+    client = await aiohttp_client(refusal_app(manager(), on_refusal=on_refusal))
+    response = await client.get("/api/me")
+    assert (response.status, await response.read()) == (401, b'{"error":"unauthorized"}')
+    assert any("on_refusal" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_on_refusal_must_be_callable() -> None:
+    rules = RoutingRules(protected_apis=("/api/.*",))
+    for build in (
+        lambda: jwtplus.jwt_middleware(manager=manager(), rules=rules, on_refusal="json"),  # type: ignore[arg-type]
+        lambda: jwtplus.router_middleware(rules=rules, on_refusal=401),  # type: ignore[arg-type]
+        lambda: jwtplus.authentication_middleware(manager=manager(), on_refusal=[]),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match="on_refusal must be a function"):
+            build()
+    with pytest.raises(TypeError, match="on_refusal must be callable or None"):
+        JWTHelper(secret_manager=manager(), on_refusal="json")  # type: ignore[arg-type]
+
+
+async def test_on_refusal_works_with_the_seed_pair_and_setup(aiohttp_client: Any) -> None:
+    sm = manager()
+
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> web.Response:
+        return web.json_response({"why": refusal.reason}, status=refusal.status)
+
+    for install in ("pair", "setup"):
+        helper = seed_helper(sm, on_refusal=on_refusal)
+        app = seed_app(helper) if install == "pair" else web.Application()
+        if install == "setup":
+            jwtplus.setup(app, helper)
+            app.router.add_route("*", "/setattr_api", echo)
+        client = await aiohttp_client(app)
+        refused = await client.post("/setattr_api", headers=bearer(sm.encode({"sub": "ann"})))
+        assert (refused.status, await refused.json()) == (403, {"why": "unidentified"}), install
+        assert await (await client.post("/setattr_api")).json() == {"why": "missing"}
+
+
+# ---- Identifiers, identity and lifetimes: what flask-jwt-extended users look for ----
+
+
+async def test_the_functional_default_identifier_accepts_sub_or_username(aiohttp_client: Any) -> None:
+    sm = manager()
+    client = await aiohttp_client(refusal_app(sm))
+    for claims, identity in (
+        ({"sub": "ann"}, "ann"),
+        ({"username": "bob"}, "bob"),
+        ({"sub": "c", "username": "d"}, "c"),
+    ):
+        response = await client.get("/api/me", headers=bearer(sm.encode(claims)))
+        assert response.status == 200, claims
+        assert (await response.json())["identity"] == identity
+    for claims in ({"sub": ""}, {"username": ["ann"]}, {"username": ""}, {}):
+        token = jwt.encode({**claims, "exp": time.time() + 60}, SECRET, algorithm="HS256")
+        assert (await client.get("/api/me", headers=bearer(token))).status == 403, claims
+    request = make_mocked_request("GET", "/", headers=bearer(sm.encode({"sub": "ann"})))
+    assert (await jwtplus.authenticate(request, sm)).status == "pass"  # authenticate() agrees
+
+
+async def test_the_seed_helper_keeps_basic_identifier_but_sessions_accept_sub(aiohttp_client: Any) -> None:
+    sm = manager()
+    client = await aiohttp_client(seed_app(seed_helper(sm)))
+    assert (await client.post("/setattr_api", headers=bearer(sm.encode({"sub": "ann"})))).status == 403
+    assert (await client.post("/setattr_api", headers=bearer(sm.encode({"username": "ann"})))).status == 200
+    sessions = jwtplus.Sessions(manager=sm)
+    client = await aiohttp_client(seed_app(seed_helper(sm, sessions=sessions)))
+    pair = await jwtplus.issue_tokens(sessions, "user-1")  # sub only, no username
+    assert (await client.post("/setattr_api", headers=bearer(pair.access))).status == 200
+
+
+async def test_get_auth_identity_and_claims_are_none_on_a_route_without_a_token(aiohttp_client: Any) -> None:
+    @jwtplus.route_options(optional=True)
+    async def feed(request: web.Request) -> web.Response:
+        claims = jwtplus.get_auth_claims(request)
+        return web.json_response({"who": jwtplus.get_auth_identity(request), "claims": claims is not None})
+
+    sm = manager()
+    app = web.Application(
+        middlewares=[jwtplus.jwt_middleware(manager=sm, rules=RoutingRules(protected_apis=("/.*",)))]
+    )
+    app.router.add_get("/feed", feed)
+    client = await aiohttp_client(app)
+    assert await (await client.get("/feed")).json() == {"who": None, "claims": False}
+    named = await client.get("/feed", headers=bearer(sm.encode({"username": "bob"})))
+    assert await named.json() == {"who": "bob", "claims": True}
+
+
+def test_user_identifier_and_get_auth_identity_read_sub_before_username() -> None:
+    assert jwtplus.user_identifier({"sub": "a"}) == {"sub": "a"}
+    assert jwtplus.user_identifier({"username": "b"}) == {"username": "b"}
+    assert jwtplus.user_identifier({"sub": "", "username": "b"}) == {"sub": "", "username": "b"}
+    assert jwtplus.user_identifier({"sub": None}) is None
+    assert jwtplus.basic_identifier({"sub": "a"}) is None  # the seed's meaning is kept
+    with pytest.raises(RuntimeError, match="not installed"):
+        jwtplus.get_auth_claims(make_mocked_request("GET", "/"))
+    with pytest.raises(RuntimeError, match="not installed"):
+        jwtplus.get_auth_identity(make_mocked_request("GET", "/"))
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "seconds"), [("5m", 300), (90, 90), (timedelta(hours=2), 7200), ("1.5s", 1.5)]
+)
+def test_encode_takes_a_per_token_lifetime(expires_in: jwtplus.Duration, seconds: float) -> None:
+    sm = manager(exptime="30d")
+    claims = sm.decode(sm.encode({"sub": "ann"}, now=NOW, expires_in=expires_in), now=NOW)
+    assert claims["exp"] - claims["iat"] == seconds
+    token = jwtplus.encode_token(sm, {"sub": "ann"}, now=NOW, expires_in=expires_in)
+    with pytest.raises(jwt.ExpiredSignatureError):
+        sm.decode(token, now=NOW + seconds)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expires_in", "message"),
+    [
+        ({}, 0, "expires_in=0 must be positive"),
+        ({}, "-5m", "expires_in='-5m'"),
+        ({}, "soon", "expires_in='soon'"),
+        ({}, True, "expires_in=True"),
+        ({"exp": NOW + 5}, "5m", "expires_in= or an exp claim, not both"),
+    ],
+)
+def test_a_bad_lifetime_at_encode_is_refused_naming_it(
+    payload: dict[str, Any], expires_in: Any, message: str
+) -> None:
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        manager().encode(payload, now=NOW, expires_in=expires_in)
+
+
+async def test_a_route_may_take_its_access_token_from_a_json_body(aiohttp_client: Any) -> None:
+    sm = manager()
+
+    @jwtplus.route_options(locations=("body",))
+    async def submit(request: web.Request) -> web.Response:
+        body = await request.json()  # the getter read it; the handler still can
+        return web.json_response({"by": jwtplus.get_auth_identity(request), "item": body["item"]})
+
+    app = web.Application(
+        middlewares=[jwtplus.jwt_middleware(manager=sm, rules=RoutingRules(protected_apis=("/api/.*",)))]
+    )
+    app.router.add_post("/api/submit", submit)
+    client = await aiohttp_client(app)
+    token = sm.encode({"sub": "ann"})
+    done = await client.post("/api/submit", json={"access_token": token, "item": 3})
+    assert (done.status, await done.json()) == (200, {"by": "ann", "item": 3})
+    assert (await client.post("/api/submit", json={"item": 3}, headers=bearer(token))).status == 401
+    assert (await client.post("/api/submit", data={"access_token": token})).status == 401  # a form is no JSON
+    assert (await client.post("/api/submit", json={"access_token": tampered(token)})).status == 401
 
 
 # ---- Hardening: a hostile client's tokens, headers and paths ----
@@ -5139,8 +5428,8 @@ async def test_unsafe_cookie_requests_need_the_csrf_header(make_client: Any, met
     ):
         response = await client.request(method, "/api/thing", headers=headers)
         assert response.status == 403, headers
-        assert response.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
-        assert await response.read() == b'{"error":"forbidden"}'
+        assert "WWW-Authenticate" not in response.headers  # not the token's fault, nor a missing scope
+        assert await response.read() == CSRF_FAILED
     assert ran == []
     good = {**cookie_header(token, csrf), "X-CSRF-Token": csrf}
     assert (await client.request(method, "/api/thing", headers=good)).status == 200
@@ -5164,9 +5453,166 @@ async def test_trusted_origins_may_send_unsafe_requests(make_client: Any) -> Non
     ).status == 403
 
 
+# -- A CSRF failure says so, on every route; plain HTML forms may carry the value --
+
+
+async def test_a_csrf_failure_is_answered_the_same_on_the_api_the_refresh_and_the_logout_route(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions, ran = jwtplus.Sessions(manager=manager()), []
+    client = await aiohttp_client(session_app(sessions, ran))
+    login = await client.post("/login", json={"sub": "u-1", "claims": {"username": "ann", "role": "admin"}})
+    jar = cookies_of(login)
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    for path in ("/admin", "/password", "/refresh", "/logout"):
+        caplog.clear()
+        response = await client.post(path, headers=as_cookie_header(jar))  # the cookies, no CSRF header
+        assert (response.status, await response.read()) == (403, CSRF_FAILED), path
+        assert "WWW-Authenticate" not in response.headers
+        (line,) = refusal_lines(caplog)
+        assert f"refused POST {path} with 403: csrf" in line
+    assert "admin" not in ran  # the logout handler ran: end_session refused inside it
+    good = {**as_cookie_header(jar), "X-CSRF-Token": jar["__Host-csrf_token"]}
+    assert (await client.post("/refresh", headers=good)).status == 200  # the pair was not used up
+
+
+async def test_on_refusal_shapes_what_refresh_session_and_end_session_raise(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> web.Response | None:
+        seen.append((refusal.reason, refusal.status))
+        if refusal.reason == "revoked":
+            return web.json_response({"msg": "Token has been revoked"}, status=401)
+        return None
+
+    sessions = jwtplus.Sessions(manager=manager())
+    client = await aiohttp_client(session_app(sessions, [], on_refusal=on_refusal))
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    login = await client.post("/login", json={"sub": "u-1", "claims": {"username": "ann"}})
+    refresh = {"Authorization": f"Bearer {(await login.json())['refresh']}"}
+    assert (await client.post("/refresh", headers=refresh)).status == 200
+    again = await client.post("/refresh", headers=refresh)  # the same refresh token twice: theft
+    assert (again.status, await again.json()) == (401, {"msg": "Token has been revoked"})
+    csrf = await client.post("/logout", headers=as_cookie_header(cookies_of(login)))
+    assert (csrf.status, await csrf.read()) == (403, CSRF_FAILED)  # None: the default answer
+    assert seen == [("revoked", 401), ("csrf", 403)]
+    lines = refusal_lines(caplog)
+    assert [line.split(": ")[1].split(" (")[0] for line in lines] == [
+        "refused POST /refresh with 401", "refused POST /logout with 403",
+    ]  # fmt: skip
+    assert "revoked (a refresh token used again)" in lines[0]
+
+
+def form_app(sm: SecretManager, policy: jwtplus.CookiePolicy, ran: list[Any]) -> web.Application:
+    """A server-rendered page whose <form method=post> carries the CSRF value in a hidden field."""
+
+    async def page(request: web.Request) -> web.Response:
+        csrf = request.cookies[policy.csrf_cookie]
+        return web.Response(
+            text=f'<form method="post" action="/api/note"><input type="hidden" name="csrf_token" '
+            f'value="{csrf}"><input name="note"></form>',
+            content_type="text/html",
+        )
+
+    async def note(request: web.Request) -> web.Response:
+        form = await request.post()  # the check read the form: the handler still can
+        ran.append(form["note"])
+        return web.json_response({"saved": form["note"]})
+
+    helper = JWTHelper(secret_manager=sm, cookies=policy, protected_apis=("/api/.*",), whitelist=())
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.router.add_get("/page", page)
+    app.router.add_post("/api/note", note)
+    return app
+
+
+async def test_a_revoked_token_is_logged_as_revoked_and_answered_as_any_invalid_one(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sessions = jwtplus.Sessions(manager=manager())
+    reasons: list[str] = []
+
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> None:
+        reasons.append(refusal.reason)
+
+    client = await aiohttp_client(session_app(sessions, [], on_refusal=on_refusal))
+    pair = await jwtplus.issue_tokens(sessions, "u-1", {"username": "ann"})
+    await jwtplus.revoke_token(sessions, sessions.manager.decode(pair.access))
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    refused = await client.get("/me", headers=bearer(pair.access))
+    assert (refused.status, await refused.read()) == (401, b'{"error":"unauthorized"}')
+    assert reasons == ["revoked"]
+    (line,) = refusal_lines(caplog)
+    assert "with 401: revoked (check_revocation)" in line
+
+
+async def test_a_plain_html_form_may_carry_the_csrf_value_in_a_field_when_the_policy_says_so(
+    aiohttp_client: Any,
+) -> None:
+    sm, ran = manager(), []
+    policy = jwtplus.CookiePolicy(csrf_field="csrf_token")
+    client = await aiohttp_client(form_app(sm, policy, ran))
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=policy)
+    csrf = sm.decode(token)["csrf"]
+    cookies = cookie_header(token, csrf)
+    page = await (await client.get("/page", headers=cookies)).text()
+    assert f'value="{csrf}"' in page
+    saved = await client.post("/api/note", data={"csrf_token": csrf, "note": "hello"}, headers=cookies)
+    assert (saved.status, await saved.json()) == (200, {"saved": "hello"})
+    multipart = aiohttp.FormData({"csrf_token": csrf, "note": "multi"})
+    multipart._is_multipart = True
+    assert (await client.post("/api/note", data=multipart, headers=cookies)).status == 200
+    for data, headers in (
+        ({"note": "no field"}, cookies),
+        ({"csrf_token": csrf[:-1], "note": "wrong"}, cookies),
+        ({"csrf_token": "", "note": "empty"}, cookies),
+        ({"csrf_token": csrf, "note": "foreign"}, {**cookies, "Origin": "https://evil.example"}),
+        ({"csrf_token": csrf, "note": "cross-site"}, {**cookies, "Sec-Fetch-Site": "cross-site"}),
+    ):
+        refused = await client.post("/api/note", data=data, headers=headers)
+        assert (refused.status, await refused.read()) == (403, CSRF_FAILED), data
+    # JSON is no form: its csrf_token field is not read
+    assert (await client.post("/api/note", json={"csrf_token": csrf}, headers=cookies)).status == 403
+    assert ran == ["hello", "multi"]
+
+
+async def test_without_csrf_field_a_form_field_is_never_read(aiohttp_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await aiohttp_client(form_app(sm, COOKIES, ran))
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=COOKIES)
+    csrf = sm.decode(token)["csrf"]
+    data = {"csrf_token": csrf, "note": "x"}
+    refused = await client.post("/api/note", data=data, headers=cookie_header(token, csrf))
+    assert (refused.status, await refused.read()) == (403, CSRF_FAILED)
+    assert ran == []
+
+
+async def test_a_form_too_large_to_read_fails_the_csrf_check_without_a_500(aiohttp_client: Any) -> None:
+    sm, ran = manager(), []
+    policy = jwtplus.CookiePolicy(csrf_field="csrf_token")
+    app = form_app(sm, policy, ran)
+    app._client_max_size = 1024
+    client = await aiohttp_client(app)
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=policy)
+    csrf = sm.decode(token)["csrf"]
+    big = {"csrf_token": csrf, "note": "x" * 4096}
+    refused = await client.post("/api/note", data=big, headers=cookie_header(token, csrf))
+    assert refused.status == 403 and ran == []
+
+
+@pytest.mark.parametrize("value", ["", "csrf token", "a;b", 7])
+def test_a_bad_csrf_field_is_refused_naming_it(value: Any) -> None:
+    with pytest.raises(ValueError, match="csrf_field="):
+        jwtplus.CookiePolicy(csrf_field=value)
+
+
 # -- Origin on every cookie-borne request, and on every WebSocket handshake --
 
 FORBIDDEN = b'{"error":"forbidden"}'
+CSRF_FAILED = b'{"error":"csrf_failed"}'
 
 
 def socket_app(sm: SecretManager, ran: list[str], **helper_args: Any) -> web.Application:
@@ -5211,8 +5657,8 @@ async def test_a_cookie_request_from_a_foreign_origin_is_refused_whatever_the_me
     for origin in foreign_origins(client.host, client.port):
         response = await client.request(method, "/api/thing", headers={**good, "Origin": origin})
         assert response.status == 403, origin
-        assert response.headers["WWW-Authenticate"] == 'Bearer error="insufficient_scope"'
-        assert await response.read() == (b"" if method == "HEAD" else FORBIDDEN)
+        assert "WWW-Authenticate" not in response.headers
+        assert await response.read() == (b"" if method == "HEAD" else CSRF_FAILED)
     assert ran == []
     own = f"http://{client.host}:{client.port}"
     for headers in ({**good, "Origin": own}, {**good, "Origin": "https://app.example"}):
@@ -5356,9 +5802,9 @@ async def test_a_pair_has_two_types_one_family_one_csrf() -> None:
         await jwtplus.issue_tokens(sessions, "")
 
 
-def session_app(sessions: jwtplus.Sessions, ran: list[str]) -> web.Application:
+def session_app(sessions: jwtplus.Sessions, ran: list[str], **helper_args: Any) -> web.Application:
     cookies = jwtplus.CookiePolicy()
-    helper = JWTHelper(sessions=sessions, whitelist=("/login",), cookies=cookies)
+    helper = JWTHelper(sessions=sessions, whitelist=("/login",), cookies=cookies, **helper_args)
     routes = web.RouteTableDef()
 
     @routes.post("/login")
@@ -6906,6 +7352,40 @@ async def test_a_route_can_want_a_refresh_token(make_client: Any) -> None:
     assert jwtplus.RoutePolicy(token_type="refresh").token_type == "refresh"
 
 
+async def test_require_user_sees_what_the_identifier_loaded(aiohttp_client: Any) -> None:
+    sm, asked = manager(), []
+    users = {"u-1": {"name": "ann", "role": "admin"}, "u-2": {"name": "bob", "role": "user"}}
+
+    async def load_user(claims: dict[str, Any]) -> dict[str, str] | None:
+        return users.get(claims.get("sub", ""))
+
+    async def is_admin(user: dict[str, str]) -> bool:
+        asked.append(user["name"])
+        return user["role"] == "admin"  # from the database, not from the token
+
+    @jwtplus.require_user(is_admin)
+    async def admin(request: web.Request) -> web.Response:
+        return web.json_response({"admin": jwtplus.get_auth_carry(request)["name"]})
+
+    app = web.Application(
+        middlewares=[
+            jwtplus.jwt_middleware(
+                manager=sm, rules=RoutingRules(protected_apis=("/.*",)), identifier=load_user
+            )
+        ]
+    )
+    app.router.add_get("/admin", admin)
+    client = await aiohttp_client(app)
+    ok = await client.get("/admin", headers=bearer(sm.encode({"sub": "u-1", "role": "user"})))
+    assert (ok.status, await ok.json()) == (200, {"admin": "ann"})
+    no = await client.get("/admin", headers=bearer(sm.encode({"sub": "u-2", "role": "admin"})))
+    assert (no.status, no.headers["WWW-Authenticate"]) == (403, 'Bearer error="insufficient_scope"')
+    assert (await client.get("/admin", headers=bearer(sm.encode({"sub": "u-3"})))).status == 403
+    assert asked == ["ann", "bob"]  # never asked about a user the identifier did not load
+    with pytest.raises(TypeError, match="require_user"):
+        jwtplus.require_user("admin")  # type: ignore[arg-type]
+
+
 # ---- WebSockets: sessions that end on time ----
 
 
@@ -7924,6 +8404,34 @@ def test_functools_composition_of_the_factories() -> None:
         jwtplus.router_middleware(rules=SPA)
 
 
+# ---- Testing your app ----
+
+
+async def test_auth_headers_log_a_test_request_in_by_header_or_by_cookie(aiohttp_client: Any) -> None:
+    sm, ran = manager(), []
+    client = await aiohttp_client(cookie_app(sm, ran))
+    by_header = jwtplus.auth_headers(sm, {"username": "ann"})
+    assert set(by_header) == {"Authorization"} and by_header["Authorization"].startswith("Bearer ")
+    assert await (await client.post("/api/thing", headers=by_header)).json() == {
+        "source": "header",
+        "status": "pass",
+    }
+    by_cookie = jwtplus.auth_headers(sm, {"username": "ann"}, cookies=COOKIES)
+    assert set(by_cookie) == {"Cookie", "X-CSRF-Token"}
+    assert await (await client.post("/api/thing", headers=by_cookie)).json() == {
+        "source": "cookie",
+        "status": "pass",
+    }
+    without_csrf = {"Cookie": by_cookie["Cookie"]}
+    assert (await client.post("/api/thing", headers=without_csrf)).status == 403
+    short = jwtplus.auth_headers(sm, {"username": "ann"}, now=time.time() - 120, expires_in=60)
+    assert (await client.post("/api/thing", headers=short)).status == 401
+    jwt_scheme = manager(scheme="JWT")
+    assert jwtplus.auth_headers(jwt_scheme, {"sub": "a"})["Authorization"].startswith("JWT ")
+    with pytest.raises(TypeError, match="cookies must be a CookiePolicy"):
+        jwtplus.auth_headers(sm, {}, cookies={"name": "x"})  # type: ignore[arg-type]
+
+
 # ---- Packaging ----
 
 
@@ -7936,19 +8444,149 @@ def wheel_contents(directory: Path) -> tuple[str, list[str], str]:
         return wheel.name, names, archive.read(metadata).decode()
 
 
-async def test_the_wheel_carries_the_license_the_version_and_the_aiohttp_range(tmp_path: Path) -> None:
-    """Built the way pip builds it (flit_core, isolated)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
-    assert proc.returncode == 0, output.decode(errors="replace")
-    name, names, metadata = wheel_contents(tmp_path)
+def run_clean(*argv: str | Path, cwd: Path | None = None, timeout: float = 600) -> tuple[int, str]:
+    """Run *argv* without this process's Python paths: its exit code and its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH", "VIRTUAL_ENV")}
+    done = subprocess.run(
+        [str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+class Installed(NamedTuple):
+    wheel: Path
+    venv: Path  # a fresh venv holding the wheel and mypy, nothing else of the project
+    app: Path  # a directory holding a user's app.py only
+
+    def mypy(self) -> tuple[int, str]:
+        """``mypy --strict app.py`` from the fresh venv: no other flag, no cache from an earlier run."""
+        shutil.rmtree(self.app / ".mypy_cache", ignore_errors=True)
+        return run_clean(self.venv / "bin" / "mypy", "--strict", "app.py", cwd=self.app, timeout=300)
+
+
+USER_APP = '''
+    """A user's aiohttp app on the installed jwtplus."""
+
+    from __future__ import annotations
+
+    from collections.abc import Awaitable, Callable
+    from typing import TYPE_CHECKING, Any
+
+    from aiohttp import web
+
+    import jwtplus
+
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+    @jwtplus.login_required
+    async def hello(request: web.Request) -> web.Response:
+        carry: Any = jwtplus.get_auth_carry(request)
+        return web.json_response({"hello": carry["username"], "who": jwtplus.get_auth_identity(request)})
+
+
+    @jwtplus.login_required
+    @jwtplus.require_claims(role="admin")
+    async def admin(request: web.Request) -> web.Response:
+        return web.json_response({"admin": True})
+
+
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> web.Response | None:
+        return None if refusal.reason != "expired" else web.json_response({"msg": "expired"}, status=401)
+
+
+    # the guards keep the handler's type: these assignments type-check only if they do
+    typed_hello: Callable[[web.Request], Awaitable[web.Response]] = hello
+    typed_admin: Handler = admin
+    if TYPE_CHECKING:
+        reveal_type(admin)
+
+
+    def make_app() -> web.Application:
+        manager = jwtplus.SecretManager(secret=b"32 or more random bytes .........")
+        rules = jwtplus.RoutingRules(protected_apis=("/hello", "/admin"))
+        middleware = jwtplus.jwt_middleware(manager=manager, rules=rules, on_refusal=on_refusal)
+        app = web.Application(middlewares=[middleware])
+        app.router.add_get("/hello", hello)
+        app.router.add_get("/admin", admin)
+        return app
+
+
+    if __name__ == "__main__":
+        web.run_app(make_app(), host="127.0.0.1", port=8080)
+'''
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel pip builds from the repository (isolated), installed with mypy into a fresh venv."""
+    base = tmp_path_factory.mktemp("typed")
+    dist, venv, app = base / "dist", base / "venv", base / "app"
+    for argv in (
+        (sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, ROOT),
+        (sys.executable, "-m", "venv", venv),
+    ):
+        code, output = run_clean(*argv)
+        assert code == 0, output
+    (wheel,) = dist.glob("*.whl")
+    code, output = run_clean(venv / "bin" / "python", "-m", "pip", "install", "-q", wheel, "mypy>=1.13")
+    assert code == 0, output
+    app.mkdir()
+    (app / "app.py").write_text(textwrap.dedent(USER_APP))
+    return Installed(wheel, venv, app)
+
+
+@pytest.mark.packaging
+def test_the_wheel_carries_the_license_the_version_and_the_aiohttp_range(installed: Installed) -> None:
+    """Built the way pip builds it (the backend of pyproject.toml, isolated)."""
+    name, names, metadata = wheel_contents(installed.wheel.parent)
     assert name == f"aiohttp_jwtplus-{jwtplus.__version__}-py3-none-any.whl"
     assert f"aiohttp_jwtplus-{jwtplus.__version__}.dist-info/licenses/LICENSE" in names
     assert "License-Expression: MIT" in metadata
-    assert "Requires-Dist: aiohttp>=3.14,<4" in metadata
+    requires = [
+        Requirement(line.removeprefix("Requires-Dist: "))
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist: ")
+    ]
+    (aiohttp_range,) = [r for r in requires if r.name == "aiohttp" and r.marker is None]
+    assert aiohttp_range.specifier == SpecifierSet(">=3.14,<4")
+
+
+@pytest.mark.packaging
+def test_the_wheel_installs_jwtplus_as_a_typed_package(installed: Installed) -> None:
+    """jwtplus/__init__.py, a byte copy of the repository's one file, and the PEP 561 marker."""
+    _, names, _ = wheel_contents(installed.wheel.parent)
+    assert [n for n in names if ".dist-info/" not in n] == ["jwtplus/__init__.py", "jwtplus/py.typed"]
+    with zipfile.ZipFile(installed.wheel) as archive:
+        assert archive.read("jwtplus/__init__.py") == (ROOT / "jwtplus.py").read_bytes()
+        assert archive.read("jwtplus/py.typed") == b""
+
+
+@pytest.mark.packaging
+def test_a_typed_user_app_passes_mypy_strict_against_the_installed_wheel(installed: Installed) -> None:
+    """No flag but --strict: no import-untyped, no untyped decorator, and the guards keep the type."""
+    code, output = installed.mypy()
+    assert code == 0, output
+    assert (
+        'Revealed type is "def (request: aiohttp.web_request.Request) -> '
+        'typing.Coroutine[Any, Any, aiohttp.web_response.Response]"'
+    ) in output
+    imported = "import app, jwtplus; app.make_app(); print(jwtplus.__file__)"
+    code, output = run_clean(installed.venv / "bin" / "python", "-c", imported, cwd=installed.app)
+    assert code == 0, output
+    assert Path(output.strip()).relative_to(installed.venv).parts[-2:] == ("jwtplus", "__init__.py")
+
+
+@pytest.mark.packaging
+def test_without_py_typed_mypy_refuses_the_installed_jwtplus(installed: Installed) -> None:
+    """The marker is what makes the difference: remove it from site-packages and mypy says import-untyped."""
+    (marker,) = installed.venv.glob("lib/python*/site-packages/jwtplus/py.typed")
+    marker.unlink()
+    try:
+        code, output = installed.mypy()
+    finally:
+        marker.touch()
+    assert code == 1 and "[import-untyped]" in output, output
 
 
 # ---- The README's snippets, as pasted ----
@@ -7956,12 +8594,41 @@ async def test_the_wheel_carries_the_license_the_version_and_the_aiohttp_range(t
 README = Path(__file__).with_name("README.md")
 
 
+class ReadmeBlock(NamedTuple):
+    heading: str  # the ## section it is in ("" before the first)
+    language: str
+    code: str
+    fragment: bool  # marked <!-- fragment: ... --> just above: a piece of a larger program, not run alone
+
+
+def readme_blocks() -> list[ReadmeBlock]:
+    """Every fenced code block of the README, in order."""
+    blocks, heading = [], ""
+    lines = README.read_text().split("\n")
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith("## "):
+            heading = line[3:]
+        elif line.startswith("```"):
+            language, body = line[3:], []
+            index += 1
+            while lines[index] != "```":
+                body.append(lines[index])
+                index += 1
+            fragment = index - len(body) >= 2 and lines[index - len(body) - 2].startswith("<!-- fragment:")
+            blocks.append(ReadmeBlock(heading, language, "\n".join(body) + "\n", fragment))
+        index += 1
+    return blocks
+
+
 def readme_snippets(heading: str) -> list[str]:
-    """The Python code blocks of the README section titled *heading*."""
-    text = README.read_text()
-    start = text.index(f"\n## {heading}\n")
-    end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], re.DOTALL)
+    """The runnable Python code blocks of the README section titled *heading* (fragments left out)."""
+    found = [b.code for b in readme_blocks() if b.heading == heading and b.language == "python"]
+    assert found or heading in {b.heading for b in readme_blocks()}, f"no README section {heading!r}"
+    return [
+        b.code for b in readme_blocks() if b.heading == heading and b.language == "python" and not b.fragment
+    ]
 
 
 def run_snippet(code: str, **given: Any) -> dict[str, Any]:
@@ -7996,7 +8663,7 @@ async def test_readme_spa_snippet_runs_as_pasted(
     async def check_password(username: Any, password: Any) -> str | None:
         return username if (username, password) == ("ann", "let me in") else None
 
-    (spa,) = readme_snippets("Use it in front of an SPA")[:1]
+    (spa,) = readme_snippets("Use it in front of an SPA")
     names = run_snippet(spa, web=web, jwtplus=jwtplus, manager=manager(), check_password=check_password)
     client = await aiohttp_client(names["app"])
     assert await (await client.get("/index.html")).text() == "the login page"
@@ -8192,6 +8859,209 @@ async def test_readme_websocket_snippet_runs_as_pasted(aiohttp_client: Any) -> N
     await ws.close()
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await client.ws_connect("/ws")
+
+
+async def test_readme_first_example_runs_as_pasted(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: list[web.Application] = []
+    monkeypatch.setattr(web, "run_app", lambda app, **kwargs: served.append(app))
+    (first,) = readme_snippets("")
+    run_snippet(first)
+    client = await aiohttp_client(served[0])
+    login = await client.post("/login", data={"username": "ann", "password": "let me in"})
+    token = (await login.json())["token"]
+    assert token.startswith("eyJhbGciOiJIUzI1NiIs")
+    me = await client.get("/me", headers=bearer(token))
+    assert (me.status, await me.json()) == (200, {"you": "ann"})
+    assert (await client.get("/me")).status == 401
+    assert (await client.post("/login", data={"username": "ann", "password": "guess"})).status == 401
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node (.ci/run installs it)")
+async def test_readme_js_snippet_runs_in_a_classic_script() -> None:
+    node = shutil.which("node")
+    assert node is not None
+    (js,) = [b.code for b in readme_blocks() if b.language == "js"]
+    program = (
+        "const vm = require('vm'); const calls = [];"
+        "const context = {document: {cookie: 'a=1; __Host-csrf_token=xyz; b=2'},"
+        " fetch: async (url, init) => { calls.push([url, init]); return {json: async () => ({ok: true})}; }};"
+        f"new vm.Script({json.dumps(js)}).runInNewContext(context);"  # a classic script: no top-level await
+        "context.setattr().then((body) => console.log(JSON.stringify({body, calls})));"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        node, "-e", program, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out) == {
+        "body": {"ok": True},
+        "calls": [["/api/setattr", {"method": "POST", "headers": {"X-CSRF-Token": "xyz"}}]],
+    }
+
+
+async def test_readme_on_refusal_snippet_runs_as_pasted(aiohttp_client: Any) -> None:
+    sm = manager()
+    _, hook = readme_snippets("When a request is refused")
+    helper = run_snippet(hook, web=web, jwtplus=jwtplus, manager=sm)["helper"]
+    app = web.Application()
+    jwtplus.setup(app, helper)
+    app.router.add_get("/me", echo)
+    client = await aiohttp_client(app)
+    old = bearer(sm.encode({"username": "ann"}, now=time.time() - 86400 * 31))
+    expired = await client.get("/me", headers=old)
+    assert (expired.status, await expired.json()) == (401, {"msg": "Token has expired"})
+    assert expired.headers["Cache-Control"] == "no-store"
+    missing = await client.get("/me")
+    assert (missing.status, await missing.read()) == (401, b'{"error":"unauthorized"}')
+
+
+async def test_readme_logging_snippet_shows_refusals(tmp_path: Path) -> None:
+    """In a process of its own: basicConfig is global."""
+    switch, _ = readme_snippets("When a request is refused")
+    script = tmp_path / "refused.py"
+    script.write_text(
+        switch
+        + textwrap.dedent(
+            """
+            import asyncio
+            from aiohttp import web
+            from aiohttp.test_utils import TestClient, TestServer
+            import jwtplus
+
+            async def me(request):
+                return web.json_response({})
+
+            async def main():
+                manager = jwtplus.SecretManager(secret=b"x" * 32)
+                rules = jwtplus.RoutingRules(protected_apis=("/api/.*",))
+                app = web.Application(middlewares=[jwtplus.jwt_middleware(manager=manager, rules=rules)])
+                app.router.add_get("/api/me", me)
+                async with TestClient(TestServer(app)) as client:
+                    await client.get("/api/me", headers={"X-Request-ID": "7f3a"})
+
+            asyncio.run(main())
+            """
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "error",
+        str(script),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode == 0, err.decode()
+    assert "INFO:jwtplus:jwtplus: refused GET /api/me with 401: missing (no token) [request id 7f3a]" in (
+        err.decode().splitlines()
+    )
+
+
+async def test_readme_sliding_snippet_runs_as_pasted(aiohttp_client: Any) -> None:
+    sm, policy = manager(), jwtplus.CookiePolicy()
+    (snippet,) = readme_snippets("Sliding sessions")
+    sliding = run_snippet(snippet, web=web, jwtplus=jwtplus, manager=sm, cookies=policy)["sliding"]
+    helper = JWTHelper(secret_manager=sm, cookies=policy, protected_apis=("/api/.*",))
+    app = web.Application(middlewares=[helper.middleware(), sliding])
+    app.router.add_get("/api/me", echo)
+    client = await aiohttp_client(app)
+    now = time.time()
+
+    def cookie_login(iat: float, lifetime: float, **extra: Any) -> tuple[dict[str, str], str]:
+        csrf = "the-csrf-value"
+        token = sm.encode({"username": "ann", "csrf": csrf, **extra}, now=iat, expires_in=lifetime)
+        return cookie_header(token, csrf), csrf
+
+    near_end, csrf = cookie_login(now - 28 * 60, 30 * 60)  # 2 minutes left
+    renewed = await client.get("/api/me", headers=near_end)
+    assert renewed.status == 200
+    fresh = renewed.cookies["__Host-access_token"].value
+    claims = sm.decode(fresh)
+    assert 29 * 60 < claims["exp"] - now <= 30 * 60 + 1
+    assert claims["csrf"] == csrf and claims["username"] == "ann"
+    assert claims["auth_time"] == int(now - 28 * 60)
+    assert renewed.cookies["__Host-csrf_token"].value == csrf
+    plenty, _ = cookie_login(now, 30 * 60)
+    assert "__Host-access_token" not in (await client.get("/api/me", headers=plenty)).cookies
+    too_old, _ = cookie_login(now - 28 * 60, 30 * 60, auth_time=int(now - 9 * 3600))
+    assert "__Host-access_token" not in (await client.get("/api/me", headers=too_old)).cookies
+    by_header = bearer(sm.encode({"username": "ann"}, now=now - 28 * 60, expires_in=30 * 60))
+    assert "__Host-access_token" not in (await client.get("/api/me", headers=by_header)).cookies
+
+
+async def test_readme_testing_snippets_run_as_pasted(
+    aiohttp_client: Any, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JWTPLUS_SECRET", SECRET.decode())
+
+    async def find_user(username: Any, password: Any) -> dict[str, str] | None:
+        return (
+            {"id": "u-1", "name": "ann", "role": "user"}
+            if (username, password) == ("ann", "ann's password")
+            else None
+        )
+
+    (sessions_app, _) = readme_snippets("Sessions that last and can end")
+    names = run_snippet(sessions_app, find_user=find_user)
+    (snippet,) = readme_snippets("Testing your app")
+    tests = run_snippet(snippet, jwtplus=jwtplus, app=names["app"], manager=names["manager"])
+    await tests["test_me_by_header"](aiohttp_client)
+    await tests["test_login_then_me"](aiohttp_server)
+
+
+async def test_the_default_jar_of_the_test_client_drops_the_secure_cookies_as_the_readme_says(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JWTPLUS_SECRET", SECRET.decode())
+
+    async def find_user(username: Any, password: Any) -> dict[str, str]:
+        return {"id": "u-1", "name": "ann", "role": "user"}
+
+    (sessions_app, _) = readme_snippets("Sessions that last and can end")
+    client = await aiohttp_client(run_snippet(sessions_app, find_user=find_user)["app"])
+    assert (await client.post("/api/login", json={"username": "ann", "password": "x"})).status == 200
+    assert (await client.get("/api/me")).status == 401  # the jar kept the cookies, and sends none back
+
+
+README_RUN_BY = {  # every runnable Python block of the README, by section, and the test that runs it
+    "": ["test_readme_first_example_runs_as_pasted"],
+    "Use it in front of an SPA": ["test_readme_spa_snippet_runs_as_pasted"],
+    "Sessions that last and can end": [
+        "test_readme_sessions_snippet_runs_as_pasted",
+        "test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_redis_hangs",
+    ],
+    "Sliding sessions": ["test_readme_sliding_snippet_runs_as_pasted"],
+    "Guards and route options": ["test_readme_guards_snippet_runs_as_pasted"],
+    "How a request is judged": ["test_readme_check_snippet_runs_as_pasted"],
+    "When a request is refused": [
+        "test_readme_logging_snippet_shows_refusals",
+        "test_readme_on_refusal_snippet_runs_as_pasted",
+    ],
+    "Publish your keys": [
+        "test_readme_publish_your_keys_snippets_run_as_pasted",
+        "test_readme_publish_your_keys_snippets_run_as_pasted",
+    ],
+    "Verify tokens from your identity provider": ["test_readme_identity_provider_snippet_runs_as_pasted"],
+    "WebSockets": ["test_readme_websocket_snippet_runs_as_pasted"],
+    "Testing your app": ["test_readme_testing_snippets_run_as_pasted"],
+}
+
+
+def test_every_runnable_readme_snippet_has_a_test_that_runs_it() -> None:
+    """A new Python block in the README fails here until a test runs it (or it is marked a fragment)."""
+    runnable: dict[str, int] = Counter(
+        b.heading for b in readme_blocks() if b.language == "python" and not b.fragment
+    )
+    assert runnable == {heading: len(tests) for heading, tests in README_RUN_BY.items()}
+    for tests in README_RUN_BY.values():
+        for name in tests:
+            assert callable(globals().get(name)), name
+    for block in readme_blocks():  # fragments are still Python
+        if block.language == "python":
+            compile(block.code, "README.md", "exec")
 
 
 # ---- Real processes: the examples, and two servers sharing rotating keys ----
@@ -8497,6 +9367,18 @@ async def post_raw(url: str, body: bytes, content_type: str) -> tuple[int, str]:
         session.post(url, data=body, headers={"Content-Type": content_type}) as response,
     ):
         return response.status, await response.text()
+
+
+def test_an_example_that_says_make_runs_it_is_the_one_make_runs() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        docstring = ast.get_docstring(ast.parse(example.read_text())) or ""
+        for target in re.findall(r"or: make (\w+)", docstring):
+            recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+            assert recipe is not None and f"examples/{example.name}" in recipe.group(1), (
+                example.name,
+                target,
+            )
 
 
 async def test_the_spa_demo_login_answers_400_to_what_is_not_a_json_object(spawn: Spawn) -> None:
@@ -9242,7 +10124,7 @@ async def test_the_spa_demo_in_a_real_browser(spawn: Spawn, tmp_path: Path) -> N
             posted = await navigated.value
             assert posted is not None
             assert posted.status == 403
-            assert await posted.text() == '{"error":"forbidden"}'
+            assert await posted.text() == '{"error":"csrf_failed"}'
             assert await attacker_posts(demo, attacker) == ["403", "403"]
             await evil.close()
 
@@ -9409,6 +10291,429 @@ async def socket_statuses(demo: Server, count: int) -> list[str]:
             return statuses
         await asyncio.sleep(0.05)
     return statuses
+
+
+# -- The demo: two tabs, a forced logout, a splash, a phone, a busy port, the login page's assets --
+
+
+@contextlib.asynccontextmanager
+async def chromium() -> AsyncIterator[Any]:
+    """Debian's Chromium driven by Playwright, closed on the way out (skips without playwright)."""
+    playwright_api = pytest.importorskip("playwright.async_api", reason="needs playwright (the test extra)")
+    async with playwright_api.async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.is_file(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)"
+)
+PAGES = EXAMPLES / "spa"
+ENDED_NOTE = "Your session ended, please log in again."
+
+
+async def browser_log_in(
+    page: Any,
+    demo: Server,
+    username: str = "jacky",
+    password: str = "jwtplus-demo",  # noqa: S107
+) -> None:
+    await page.goto(f"{demo.url}/login.html")
+    await page.fill("#username", username)
+    await page.fill("#password", password)
+    async with page.expect_navigation():
+        await page.click("button[type=submit]")
+    await page.wait_for_function(f"document.getElementById('user').textContent === {username!r}")
+
+
+CALL_API = "(path) => api(path, 'POST').then((response) => response.status)"  # the page's own api()
+
+
+def refreshes(demo: Server) -> list[str]:
+    """The statuses of the demo's access log for POST /api/refresh, in order."""
+    return re.findall(r'"POST /api/refresh HTTP/1\.1" (\d{3}) ', demo.stderr())
+
+
+# -- 18: two tabs, and several requests in one tab, never log the user out by themselves --
+
+
+@needs_chromium
+async def test_two_tabs_whose_access_cookie_is_dropped_at_once_stay_logged_in(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    async with chromium() as browser:
+        context = await browser.new_context()
+        first = await context.new_page()
+        await browser_log_in(first, demo)
+        second = await context.new_page()
+        await second.goto(f"{demo.url}/index.html")
+        await second.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+
+        # Every refresh is held 300 ms on its way, so two tabs that do not wait for each other
+        # both send the same refresh token before either gets its new pair.
+        async def slow(route: Any) -> None:
+            await asyncio.sleep(0.3)
+            await route.continue_()
+
+        await context.route("**/api/refresh", slow)
+
+        # The access token "expires" in both tabs at once; both call the API at the same moment.
+        await context.clear_cookies(name="__Host-access_token")
+        statuses = await asyncio.gather(
+            first.evaluate(CALL_API, "/api/setattr"),
+            second.evaluate(CALL_API, "/api/setattr"),
+            return_exceptions=True,
+        )
+        assert statuses == [200, 200], statuses
+        for page in (first, second):
+            assert page.url == f"{demo.url}/index.html"
+            assert await page.is_visible("#app-page")
+        assert refreshes(demo) == ["200"], "one tab renewed, the other used its new pair"
+
+        # Several requests at once in one tab: one refresh, every request answered.
+        await context.clear_cookies(name="__Host-access_token")
+        many = await first.evaluate(
+            "() => Promise.all(['/api/setattr', '/api/setattr', '/api/setattr', '/api/admin', "
+            "'/api/setattr'].map((path) => api(path, 'POST').then((response) => response.status)))"
+        )
+        assert many == [200, 200, 200, 403, 200], many
+        assert refreshes(demo) == ["200", "200"]
+
+        # The family lives: a later request from either tab, with no refresh in between, works.
+        for page in (first, second):
+            assert await page.evaluate("() => fetch('/api/me').then((response) => response.status)") == 200
+        await context.unroute("**/api/refresh")
+        await context.clear_cookies(name="__Host-access_token")
+        assert await second.evaluate(CALL_API, "/api/setattr") == 200
+        assert first.url == second.url == f"{demo.url}/index.html"
+    assert refreshes(demo) == ["200", "200", "200"]
+    assert "used twice" not in demo.stderr()
+
+
+@needs_chromium
+async def test_without_web_locks_the_reuse_grace_keeps_racing_tabs_logged_in(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    async with chromium() as browser:
+        context = await browser.new_context()
+        # A browser without the Web Locks API: nothing serializes the tabs' refreshes.
+        await context.add_init_script(
+            "Object.defineProperty(Navigator.prototype, 'locks', {get: () => undefined})"
+        )
+        pages = [await context.new_page(), await context.new_page()]
+        await browser_log_in(pages[0], demo)
+        await pages[1].goto(f"{demo.url}/index.html")
+        await pages[1].wait_for_function("document.getElementById('user').textContent === 'jacky'")
+        assert await pages[1].evaluate("navigator.locks === undefined")
+
+        # Each refresh reaches the server at once, and its answer reaches the page 300 ms later:
+        # the other tab's refresh goes out meanwhile, with the same refresh token.
+        async def late(route: Any) -> None:
+            response = await route.fetch()
+            await asyncio.sleep(0.3)
+            await route.fulfill(response=response)
+
+        await context.route("**/api/refresh", late)
+        for attempt in range(3):  # both refreshes carry the same refresh token: a reuse, forgiven
+            await context.clear_cookies(name="__Host-access_token")
+            statuses = await asyncio.gather(
+                *(page.evaluate(CALL_API, "/api/setattr") for page in pages), return_exceptions=True
+            )
+            assert statuses == [200, 200], (attempt, statuses, refreshes(demo))
+        for page in pages:
+            assert page.url == f"{demo.url}/index.html"
+            assert await page.evaluate("() => fetch('/api/me').then((r) => r.status)") == 200
+    assert refreshes(demo).count("200") == 3, refreshes(demo)
+    assert refreshes(demo).count("401") >= 1, f"no race happened: {refreshes(demo)}"
+    assert "used twice" not in demo.stderr()
+
+
+# -- 19: a forced logout says so on the login page --
+
+
+@needs_chromium
+async def test_a_forced_logout_lands_on_the_login_page_with_a_note(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    async with chromium() as browser:
+        context = await browser.new_context()
+        page = await context.new_page()
+
+        # A logout the user asked for: the login page, no note.
+        await browser_log_in(page, demo)
+        async with page.expect_navigation():
+            await page.click("#logout")
+        await page.wait_for_selector("#login-form")
+        assert await page.is_hidden("#note")
+
+        # The server ends the login behind the page's back (its family revoked, as a logout on
+        # another device does); the access token then expires, and the refresh is refused.
+        await browser_log_in(page, demo)
+        refresh_token = {c["name"]: c["value"] for c in await context.cookies()}["__Host-refresh_token"]
+        status, _ = await fetch(
+            f"{demo.url}/api/logout", method="POST", json_body={"refresh_token": refresh_token}
+        )
+        assert status == 200
+        await page.click("#call-api")
+        await page.wait_for_url(f"{demo.url}/login.html")
+        await page.wait_for_selector("#login-form")
+        await page.wait_for_selector("#note")
+        assert (await page.text_content("#note")) == ENDED_NOTE
+        # The page's refresh, refused; then the login page's silent one (the CSRF cookie is
+        # still there: the server revoked the family, it cleared no cookie), refused too.
+        assert refreshes(demo) == ["401", "401"]
+
+        # The note is said once: reloading the login page drops it.
+        await page.reload()
+        await page.wait_for_selector("#login-form")
+        assert await page.is_hidden("#note")
+
+
+# -- 22: make demo binds first; a busy port is one line; PORT= picks the port --
+
+
+async def run_command(*command: str, cwd: Path = ROOT) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+        cwd=cwd,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def make_demo(port: int) -> list[str]:
+    """`make demo PORT=port`, with this test's Python and without installing it again."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("needs make (apt-get install make)")
+    bin_dir = str(Path(sys.executable).parent)
+    return [make, "-s", "-o", ".venv/.installed", "demo", f"PORT={port}", f"BIN={bin_dir}"]
+
+
+async def test_a_busy_port_is_a_one_line_error_and_port_picks_another(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        # The script itself: nothing on stdout (no banner, no passwords), one line on stderr.
+        code, out, err = await run_command(
+            sys.executable, *WARNING_FLAGS, str(EXAMPLES / "spa_demo.py"), "--port", str(port)
+        )
+        assert code != 0
+        assert out == ""
+        assert err.splitlines() == [
+            f"spa_demo: port {port} on 127.0.0.1 is already in use (make demo PORT=8081 picks another)"
+        ]
+
+        # Through make: the same line, then make's own "Error 1"; no traceback, no banner.
+        code, out, err = await run_command(*make_demo(port))
+        assert code != 0
+        assert out == ""
+        assert err.splitlines()[0] == f"spa_demo: port {port} on 127.0.0.1 is already in use " + (
+            "(make demo PORT=8081 picks another)"
+        )
+        assert "Traceback" not in err
+        assert "password" not in out + err
+
+    # make demo PORT=<a free port> serves there, and prints the banner once it listens.
+    port = free_port()
+    stdout_path, stderr_path = tmp_path / "make.stdout", tmp_path / "make.stderr"
+    with stdout_path.open("wb") as out_file, stderr_path.open("wb") as err_file:
+        proc = await asyncio.create_subprocess_exec(
+            *make_demo(port),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out_file,
+            stderr=err_file,
+            env=subprocess_env(),
+            cwd=ROOT,
+            start_new_session=True,
+        )
+    server = Server("make demo", proc, f"http://127.0.0.1:{port}", stdout_path, stderr_path)
+    try:
+        await wait_until_accepting(server, port)
+        assert server.stdout().splitlines()[:3] == [
+            f"jwtplus SPA demo on http://127.0.0.1:{port}/index.html - log in as",
+            "    username: jacky  password: jwtplus-demo   (user)",
+            "    username: admin  password: jwtplus-admin  (admin)",
+        ]
+        async with ClientSession(timeout=HTTP_TIMEOUT) as session:
+            async with session.post(
+                f"{server.url}/api/login", json={"username": "jacky", "password": "jwtplus-demo"}
+            ) as response:
+                assert response.status == 200
+                access = response.cookies["__Host-access_token"].value
+            async with session.get(
+                f"{server.url}/api/me", headers={"Cookie": f"__Host-access_token={access}"}
+            ) as response:
+                assert (response.status, await response.json()) == (
+                    200,
+                    {"username": "jacky", "role": "user"},
+                )
+    finally:
+        # make and the demo under it are one process group of their own: stop both.
+        os.killpg(proc.pid, signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+        print(server.logs())
+
+
+# -- 16: the login page's own assets are served without a token --
+
+
+async def test_the_login_pages_assets_are_served_without_a_token(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    assets = {
+        "/static/login.css": ("text/css", PAGES / "login.css"),
+        "/favicon.ico": ("image/vnd.microsoft.icon", PAGES / "favicon.ico"),
+        "/robots.txt": ("text/plain", PAGES / "robots.txt"),
+    }
+    async with ClientSession(timeout=HTTP_TIMEOUT) as session:
+        for path, (content_type, file) in assets.items():
+            async with session.get(demo.url + path) as response:
+                assert (response.status, response.content_type) == (200, content_type), path
+                assert await response.read() == file.read_bytes(), path
+        # The whitelist is those files, no more: anything else is still the login page.
+        for path in ("/static/other.css", "/static/login.css.map", "/favicon.ico/x", "/faviconXico"):
+            async with session.get(demo.url + path) as response:
+                assert (response.status, response.content_type) == (200, "text/html"), path
+                assert 'id="login-form"' in await response.text(), path
+    assert "Traceback" not in demo.stderr()
+
+
+@needs_chromium
+async def test_the_login_page_loads_its_stylesheet_and_icon(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    async with chromium() as browser:
+        page = await (await browser.new_context()).new_page()
+        answers: dict[str, tuple[int, str]] = {}
+
+        async def seen(response: Any) -> None:
+            answers[response.url.removeprefix(demo.url)] = (
+                response.status,
+                (await response.all_headers()).get("content-type", ""),
+            )
+
+        page.on("response", seen)
+        await page.goto(f"{demo.url}/index.html")
+        await page.wait_for_selector("#login-form")
+        # login.css applied: the card is 22rem wide at most, and the body's background is set.
+        assert await page.evaluate("getComputedStyle(document.querySelector('main')).maxWidth") == "352px"
+        icon = await page.evaluate("() => fetch('/favicon.ico').then((r) => r.blob()).then((b) => b.type)")
+        assert icon == "image/vnd.microsoft.icon"
+        assert answers["/static/login.css"] == (200, "text/css")
+
+
+# -- 20: a neutral splash while the silent refresh runs --
+
+
+@needs_chromium
+async def test_the_login_form_does_not_flash_while_the_silent_refresh_runs(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    async with chromium() as browser:
+        context = await browser.new_context()
+        page = await context.new_page()
+        # Logged out with no cookie at all: the form at once, no splash.
+        await page.goto(f"{demo.url}/index.html")
+        assert await page.is_visible("#login-form")
+        assert await page.is_hidden("#splash")
+
+        await browser_log_in(page, demo)
+        await context.clear_cookies(name="__Host-access_token")
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(route: Any) -> None:
+            held.set()
+            await release.wait()
+            await route.continue_()
+
+        await page.route("**/api/refresh", slow)
+        # Before every frame the browser paints, note whether the login form is on screen.
+        await page.add_init_script(
+            """window.formShown = false;
+            (function watch() {
+              const form = document.getElementById("login-form");
+              if (form && form.offsetParent !== null) window.formShown = true;
+              requestAnimationFrame(watch);
+            })();"""
+        )
+        await page.goto(f"{demo.url}/index.html")
+        await page.wait_for_selector("#splash")
+        await asyncio.wait_for(held.wait(), 10)
+        await asyncio.sleep(0.5)  # a slow network: still the splash, and the form never painted
+        assert await page.is_visible("#splash")
+        assert await page.is_hidden("#login-form")
+        assert await page.evaluate("window.formShown") is False
+        assert (await page.text_content("#splash")) == "Checking your session…"
+        release.set()
+        await page.wait_for_selector("#app-page")
+        await page.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+        assert page.url == f"{demo.url}/index.html"
+
+        # A refused refresh ends the splash: the form.
+        await page.unroute("**/api/refresh")
+        await page.route(
+            "**/api/refresh",
+            lambda route: route.fulfill(status=401, body='{"error":"unauthorized"}'),
+        )
+        await context.clear_cookies(name="__Host-access_token")
+        await page.goto(f"{demo.url}/index.html")
+        await page.wait_for_selector("#login-form")
+        assert await page.is_hidden("#splash")
+        assert await page.evaluate("window.formShown") is True  # the watch sees a form when there is one
+
+
+# -- 21: readable results, the admin button explained, the card's margins at 375 px --
+
+
+async def card_margins(page: Any) -> tuple[float, float]:
+    """The space left and right of the page's card, in CSS pixels, at a 375 px viewport."""
+    box = await page.locator("main").bounding_box()
+    assert box is not None
+    return box["x"], 375 - (box["x"] + box["width"])
+
+
+@needs_chromium
+async def test_a_phone_sees_the_cards_with_margins_and_a_non_admin_is_told_why(spawn: Spawn) -> None:
+    demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
+    result_is = "(text) => document.getElementById('result').textContent === text"
+    async with chromium() as browser:
+        context = await browser.new_context(viewport={"width": 375, "height": 740})
+        page = await context.new_page()
+        await page.goto(f"{demo.url}/index.html")
+        await page.wait_for_selector("#login-form")
+        assert min(await card_margins(page)) >= 8
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 375
+
+        await browser_log_in(page, demo)
+        assert min(await card_margins(page)) >= 8
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 375
+
+        # jacky is told before and after that the admin-only action is not for her.
+        assert await page.is_visible("#admin-hint")
+        assert "needs the admin role" in await page.text_content("#admin-hint")
+        await page.click("#call-api")
+        await page.wait_for_function(result_is, arg="200 OK: attribute set for jacky")
+        await page.click("#admin-action")
+        await page.wait_for_function(
+            result_is,
+            arg="403 Forbidden: only admins may do this, and jacky has the role user. "
+            "Log out and log in as admin to try it.",
+        )
+        await page.screenshot(path=str(Path(demo.stdout_path).parent / "phone.png"), full_page=True)
+        assert min(await card_margins(page)) >= 8
+
+        # The admin is not warned, and the action works.
+        async with page.expect_navigation():
+            await page.click("#logout")
+        await browser_log_in(page, demo, "admin", "jwtplus-admin")
+        assert await page.is_hidden("#admin-hint")
+        await page.click("#admin-action")
+        await page.wait_for_function(result_is, arg="200 OK: admin action done")
 
 
 @pytest.mark.skipif(
