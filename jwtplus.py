@@ -62,7 +62,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple, Protocol, TypeAlias, TypeVar, cast
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import jwt
@@ -877,8 +877,8 @@ def encode_token(
         if "exp" in payload:
             raise ValueError("pass expires_in= or an exp claim, not both: they say the same thing")
         lifetime = parse_duration(expires_in, name="expires_in")
-        if lifetime <= 0:
-            raise ValueError(f"expires_in={expires_in!r} must be positive: use {_DURATION_FORMS}")
+        if lifetime < 1:  # iat is whole seconds: less would be born expired
+            raise ValueError(f"expires_in={expires_in!r} must be at least 1 second: use {_DURATION_FORMS}")
     claims: dict[str, Any] = {
         "iat": iat,
         "exp": iat + lifetime,
@@ -1783,6 +1783,10 @@ _REASON = web.RequestKey["tuple[str, str]"]("jwtplus_reason")
 """Why the pipeline or a guard refused the request, and a detail for the log: never shown to clients."""
 
 
+_CHECK_DETAIL = web.RequestKey[str]("jwtplus_check_detail")
+"""What a check that refused may add for the log (say, why a form could not be read)."""
+
+
 def _failed(state: Any, result: AuthResult, reason: str, detail: str) -> AuthResult:
     """Note on the request (its ``_state``) why the pipeline gave *result*, and return it."""
     state[_REASON] = (reason, detail)
@@ -1850,7 +1854,8 @@ def _authenticator(
                     own = (
                         getattr(check, "jwtplus_reason", None) if verdict in ("invalid", "rejected") else None
                     )
-                    return _failed(state, _RESULTS[verdict], own or verdict, _name(check))
+                    detail = state.pop(_CHECK_DETAIL, None) or _name(check)
+                    return _failed(state, _RESULTS[verdict], own or verdict, detail)
                 _log.warning(
                     "jwtplus: a check returned a %s, not None or a status; request rejected",
                     type(verdict).__name__,
@@ -2190,6 +2195,14 @@ _BODY_503 = b'{"error":"unavailable"}'
 _BODY_CSRF = b'{"error":"csrf_failed"}'
 _BODIES = {400: _BODY_400, 401: _BODY_401, 403: _BODY_403, 503: _BODY_503}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+
+
+def _loggable(text: str, limit: int) -> str:
+    """*text* as one safe log field: percent-encoded (no line breaks, bidi or lone surrogates, whatever
+    parser read the request), anything shaped like a JWT replaced, cut at *limit* characters."""
+    quoted = quote(text, safe="/%:@!$&'()*+,;=-._~", errors="backslashreplace")
+    return _TOKEN_LIKE.sub("<token>", quoted)[:limit]
 
 
 class Refusal(NamedTuple):
@@ -2245,19 +2258,17 @@ def _refusal_of(request: web.Request, scheme: str, action: Action, status: AuthS
     """The refusal of *request* with *action*, logged in one line at INFO on the ``jwtplus`` logger:
     the reason, the route and the request id (``X-Request-ID``), never a token or a secret."""
     reason, detail = request._state.get(_REASON) or (status, "")
-    if action is Action.UNAVAILABLE:
-        reason = "unavailable"
     answer = _challenge(scheme, action, status, reason)
     if _log.isEnabledFor(logging.INFO):
         given = request.headers.get("X-Request-ID", "")
         _log.info(
             "jwtplus: refused %s %s with %d: %s (%s) [request id %s]",
-            request.method,
-            request.rel_url.raw_path[:200],  # percent-encoded: no line breaks, and never the query
+            _loggable(request.method, 32),
+            _loggable(request.rel_url.raw_path, 200),  # never the query, where a token may be
             answer.status,
             reason,
             detail or reason,
-            given if _REQUEST_ID.fullmatch(given) else "-",
+            _loggable(given, 128) if _REQUEST_ID.fullmatch(given) else "-",
         )
     return Refusal(answer.status, reason, status, answer)
 
@@ -2280,6 +2291,8 @@ async def _shaped(request: web.Request, refusal: Refusal, on_refusal: OnRefusal)
     raises (logged) or returns something that is no response (logged)."""
     try:
         answer = await _maybe_await(on_refusal(request, refusal))
+    except web.HTTPException:
+        raise  # aiohttp's way to answer, say a redirect to the login page: the hook's answer
     except Exception:
         _log.warning("jwtplus: on_refusal raised; the default answer is given", exc_info=True)
         return refusal.response
@@ -2943,11 +2956,13 @@ def _csrf_ok(
 
 
 async def _form_csrf(request: web.Request, claims: Mapping[str, Any], cookies: CookiePolicy) -> str | None:
-    """The CSRF verdict of a form that carries the value in ``cookies.csrf_field`` (the handler can still
-    read the form: aiohttp keeps it); a body too large or unreadable fails."""
+    """The CSRF verdict of a form that carries the value in ``cookies.csrf_field``. It reads the form with
+    ``request.post()``, which aiohttp keeps, files included, for the handler; a body too large
+    (``client_max_size``) or unreadable fails, and the log says so."""
     try:
         form = await request.post()
-    except Exception:
+    except Exception as exc:
+        request._state[_CHECK_DETAIL] = f"the form could not be read ({type(exc).__name__})"
         return "rejected"
     value = form.get(cast(str, cookies.csrf_field))
     return None if isinstance(value, str) and _csrf_ok(request, claims, cookies, value) else "rejected"
@@ -3984,7 +3999,7 @@ def auth_headers(
     For aiohttp's test client, whose cookie jar never sends the default ``Secure``
     cookies to ``http://127.0.0.1``::
 
-        await client.get("/api/me", headers=jwtplus.auth_headers(manager, {"sub": "ann"}))
+        await client.get("/api/me", headers=jwtplus.auth_headers(manager, {"sub": "ann", "username": "ann"}))
     """
     if cookies is None:
         token = encode_token(manager, claims, now=now, expires_in=expires_in)

@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import aiohttp
 import jwt
@@ -2477,6 +2477,35 @@ async def test_refusal_lines_carry_no_query_no_line_break_and_no_forged_request_
     assert line.endswith("[request id -]")
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/api/a\u2028INFO:jwtplus:forged", "/api/a\nINFO:jwtplus:forged", "/api/\u202egnp", "/api/\udcff"],
+)
+def test_a_refusal_line_is_one_line_whatever_parser_read_the_path(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's C parser refuses these with a 400 before jwtplus runs; its pure-Python one (PyPy, no
+    speedups) lets them through, so the line encodes them itself."""
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    request = make_mocked_request("GET", path, headers={"X-Request-ID": "r-1"})
+    jwtplus._refusal_of(request, "Bearer", Action.UNAUTHORIZED, "missing")
+    (line,) = refusal_lines(caplog)
+    assert line.isascii() and len(line.splitlines()) == 1 and line.isprintable(), line
+    assert line.startswith("jwtplus: refused GET /api/") and line.endswith("[request id r-1]")
+
+
+async def test_a_token_in_the_path_is_not_written_to_the_refusal_line(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sm = manager()
+    client = await aiohttp_client(refusal_app(sm))
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    token = sm.encode({"sub": "ann"})
+    assert (await client.get(f"/api/me/{token}", headers={"X-Request-ID": token[:100]})).status == 401
+    (line,) = refusal_lines(caplog)
+    assert token.split(".")[1] not in line and "/api/me/<token>" in line, line
+
+
 async def test_refusals_are_silent_at_the_default_level(
     aiohttp_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2512,6 +2541,18 @@ async def test_on_refusal_shapes_the_answer_per_reason(aiohttp_client: Any) -> N
         (401, "expired", "expired"), (401, "needs_fresh", "pass"), (401, "missing", "missing"),
     ]  # fmt: skip
     assert seen[-1].response.status == 401 and seen[-1].response.body == b'{"error":"unauthorized"}'
+
+
+async def test_an_on_refusal_hook_may_redirect_the_aiohttp_way(aiohttp_client: Any) -> None:
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> None:
+        if refusal.reason in ("missing", "expired"):
+            raise web.HTTPFound("/login")
+
+    client = await aiohttp_client(refusal_app(manager(), on_refusal=on_refusal))
+    moved = await client.get("/api/me", allow_redirects=False)
+    assert (moved.status, moved.headers["Location"]) == (302, "/login")
+    forged = await client.get("/api/me", headers=bearer(tampered(manager().encode({"sub": "a"}))))
+    assert forged.status == 401  # the hook said nothing: the default answer
 
 
 @pytest.mark.parametrize("bad", ["raises", "not a response"])
@@ -2605,8 +2646,9 @@ async def test_get_auth_identity_and_claims_are_none_on_a_route_without_a_token(
     app.router.add_get("/feed", feed)
     client = await aiohttp_client(app)
     assert await (await client.get("/feed")).json() == {"who": None, "claims": False}
-    named = await client.get("/feed", headers=bearer(sm.encode({"username": "bob"})))
-    assert await named.json() == {"who": "bob", "claims": True}
+    for claims in ({"username": "bob"}, {"sub": "", "username": "bob"}, {"sub": "bob", "username": "al"}):
+        named = await client.get("/feed", headers=bearer(sm.encode(claims)))
+        assert await named.json() == {"who": "bob", "claims": True}, claims
 
 
 def test_user_identifier_and_get_auth_identity_read_sub_before_username() -> None:
@@ -2636,7 +2678,9 @@ def test_encode_takes_a_per_token_lifetime(expires_in: jwtplus.Duration, seconds
 @pytest.mark.parametrize(
     ("payload", "expires_in", "message"),
     [
-        ({}, 0, "expires_in=0 must be positive"),
+        ({}, 0, "expires_in=0 must be at least 1 second"),
+        ({}, "0.5s", "expires_in='0.5s' must be at least 1 second"),
+        ({}, timedelta(microseconds=1), "must be at least 1 second"),
         ({}, "-5m", "expires_in='-5m'"),
         ({}, "soon", "expires_in='soon'"),
         ({}, True, "expires_in=True"),
@@ -5577,6 +5621,40 @@ async def test_a_plain_html_form_may_carry_the_csrf_value_in_a_field_when_the_po
     # JSON is no form: its csrf_token field is not read
     assert (await client.post("/api/note", json={"csrf_token": csrf}, headers=cookies)).status == 403
     assert ran == ["hello", "multi"]
+
+
+async def test_an_upload_form_with_the_csrf_field_reaches_its_handler_with_its_files(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    sm, policy = manager(), jwtplus.CookiePolicy(csrf_field="csrf_token")
+
+    async def upload(request: web.Request) -> web.Response:
+        form = await request.post()  # what the CSRF check read, files included
+        part = form["file"]
+        assert isinstance(part, web.FileField)
+        return web.json_response({"name": part.filename, "size": len(part.file.read())})
+
+    helper = JWTHelper(secret_manager=sm, cookies=policy, protected_apis=("/api/.*",))
+    app = web.Application(client_max_size=64 * 1024)
+    jwtplus.setup(app, helper)
+    app.router.add_post("/api/upload", upload)
+    client = await aiohttp_client(app)
+    token = jwtplus.set_login_cookies(web.Response(), sm, {"username": "ann"}, cookies=policy)
+    csrf = sm.decode(token)["csrf"]
+
+    def form(size: int) -> aiohttp.FormData:
+        data = aiohttp.FormData()
+        data.add_field("csrf_token", csrf)
+        data.add_field("file", b"x" * size, filename="notes.txt", content_type="text/plain")
+        return data
+
+    done = await client.post("/api/upload", data=form(1000), headers=cookie_header(token, csrf))
+    assert (done.status, await done.json()) == (200, {"name": "notes.txt", "size": 1000})
+    caplog.set_level(logging.INFO, logger="jwtplus")
+    big = await client.post("/api/upload", data=form(100 * 1024), headers=cookie_header(token, csrf))
+    assert (big.status, await big.read()) == (403, CSRF_FAILED)  # fail closed, and the log says why
+    (line,) = refusal_lines(caplog)
+    assert "csrf (the form could not be read (HTTPRequestEntityTooLarge))" in line
 
 
 async def test_without_csrf_field_a_form_field_is_never_read(aiohttp_client: Any) -> None:
@@ -8992,24 +9070,26 @@ async def test_readme_sliding_snippet_runs_as_pasted(aiohttp_client: Any) -> Non
     assert "__Host-access_token" not in (await client.get("/api/me", headers=by_header)).cookies
 
 
+@pytest.mark.parametrize("name", ["test_me_by_header", "test_login_then_me"])
 async def test_readme_testing_snippets_run_as_pasted(
-    aiohttp_client: Any, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+    name: str, aiohttp_client: Any, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each of the README's tests in a loop of its own, as pytest runs them: make_app() builds the app."""
     monkeypatch.setenv("JWTPLUS_SECRET", SECRET.decode())
 
     async def find_user(username: Any, password: Any) -> dict[str, str] | None:
-        return (
-            {"id": "u-1", "name": "ann", "role": "user"}
-            if (username, password) == ("ann", "ann's password")
-            else None
-        )
+        known = (username, password) == ("ann", "ann's password")
+        return {"id": "u-1", "name": "ann", "role": "user"} if known else None
 
     (sessions_app, _) = readme_snippets("Sessions that last and can end")
-    names = run_snippet(sessions_app, find_user=find_user)
+
+    def make_app() -> web.Application:
+        return cast(web.Application, run_snippet(sessions_app, find_user=find_user)["app"])
+
     (snippet,) = readme_snippets("Testing your app")
-    tests = run_snippet(snippet, jwtplus=jwtplus, app=names["app"], manager=names["manager"])
-    await tests["test_me_by_header"](aiohttp_client)
-    await tests["test_login_then_me"](aiohttp_server)
+    manager_of_the_app = run_snippet(sessions_app, find_user=find_user)["manager"]
+    tests = run_snippet(snippet, jwtplus=jwtplus, make_app=make_app, manager=manager_of_the_app)
+    await tests[name](aiohttp_client if name == "test_me_by_header" else aiohttp_server)
 
 
 async def test_the_default_jar_of_the_test_client_drops_the_secure_cookies_as_the_readme_says(
