@@ -2646,10 +2646,7 @@ async def _shaping(handler: Handler, request: web.Request, on_refusal: OnRefusal
         refusal = getattr(exc, "jwtplus_refusal", None)
         if not isinstance(refusal, Refusal):
             raise
-        answer = await _shaped(request, refusal, on_refusal)
-        if answer is refusal.response:
-            raise
-        return answer
+        return await _shaped(request, refusal, on_refusal)
 
 
 def _authentication(

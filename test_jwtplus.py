@@ -2515,7 +2515,9 @@ async def test_refusals_are_silent_at_the_default_level(
     assert refusal_lines(caplog) == []
 
 
-async def test_on_refusal_shapes_the_answer_per_reason(aiohttp_client: Any) -> None:
+async def test_on_refusal_shapes_the_answer_per_reason(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     sm = manager()
     seen: list[jwtplus.Refusal] = []
 
@@ -2541,6 +2543,7 @@ async def test_on_refusal_shapes_the_answer_per_reason(aiohttp_client: Any) -> N
         (401, "expired", "expired"), (401, "needs_fresh", "pass"), (401, "missing", "missing"),
     ]  # fmt: skip
     assert seen[-1].response.status == 401 and seen[-1].response.body == b'{"error":"unauthorized"}'
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # None is no mistake
 
 
 async def test_an_on_refusal_hook_may_redirect_the_aiohttp_way(aiohttp_client: Any) -> None:
@@ -5571,6 +5574,31 @@ def form_app(sm: SecretManager, policy: jwtplus.CookiePolicy, ran: list[Any]) ->
     app.router.add_get("/page", page)
     app.router.add_post("/api/note", note)
     return app
+
+
+async def test_on_refusal_sees_a_login_the_store_refused_and_never_an_error_of_the_apps_own(
+    aiohttp_client: Any,
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def on_refusal(request: web.Request, refusal: jwtplus.Refusal) -> web.Response:
+        seen.append((refusal.reason, refusal.status))
+        return web.json_response({"shaped": refusal.reason}, status=refusal.status)
+
+    sessions = jwtplus.Sessions(manager=manager(), store=broken_store())
+    app = session_app(sessions, [], on_refusal=on_refusal)
+
+    async def teapot(request: web.Request) -> web.Response:
+        raise web.HTTPForbidden(text="the app's own 403")
+
+    app.router.add_get("/own", teapot)
+    client = await aiohttp_client(app)
+    login = await client.post("/login", json={"sub": "u-1"})  # issue_tokens: the store is down
+    assert (login.status, await login.json()) == (503, {"shaped": "unavailable"})
+    lookup_free = jwt.encode({"username": "ann", "exp": time.time() + 60}, SECRET, algorithm="HS256")
+    own = await client.get("/own", headers=bearer(lookup_free))  # no jti, fam or sub: no store lookup
+    assert (own.status, await own.text()) == (403, "the app's own 403")  # not jwtplus's: untouched
+    assert seen == [("unavailable", 503)]
 
 
 async def test_a_revoked_token_is_logged_as_revoked_and_answered_as_any_invalid_one(
