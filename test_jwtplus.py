@@ -7458,7 +7458,9 @@ async def test_a_route_can_want_a_refresh_token(make_client: Any) -> None:
     assert jwtplus.RoutePolicy(token_type="refresh").token_type == "refresh"
 
 
-async def test_require_user_sees_what_the_identifier_loaded(aiohttp_client: Any) -> None:
+async def test_require_user_sees_what_the_identifier_loaded(
+    aiohttp_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     sm, asked = manager(), []
     users = {"u-1": {"name": "ann", "role": "admin"}, "u-2": {"name": "bob", "role": "user"}}
 
@@ -7484,7 +7486,9 @@ async def test_require_user_sees_what_the_identifier_loaded(aiohttp_client: Any)
     client = await aiohttp_client(app)
     ok = await client.get("/admin", headers=bearer(sm.encode({"sub": "u-1", "role": "user"})))
     assert (ok.status, await ok.json()) == (200, {"admin": "ann"})
+    caplog.set_level(logging.INFO, logger="jwtplus")
     no = await client.get("/admin", headers=bearer(sm.encode({"sub": "u-2", "role": "admin"})))
+    assert "with 403: forbidden (is_admin)" in refusal_lines(caplog)[0]
     assert (no.status, no.headers["WWW-Authenticate"]) == (403, 'Bearer error="insufficient_scope"')
     assert (await client.get("/admin", headers=bearer(sm.encode({"sub": "u-3"})))).status == 403
     assert asked == ["ann", "bob"]  # never asked about a user the identifier did not load
