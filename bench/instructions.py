@@ -1,6 +1,7 @@
 """Instructions per request, counted by valgrind's callgrind: the same on a busy machine as on a quiet one.
 
     python bench/instructions.py [--modes bare,jwtplus-setup,jwtplus-jwks] [--requests 1000]
+    python bench/instructions.py --modes bare,jwtplus-fresh,jwtplus-sessions,jwtplus-redis --concurrency 50
 
 Each mode's server (bench/servers.py, asyncio) runs under callgrind twice, answering
 200 and then 200 + --requests requests with the reused token over one keep-alive
@@ -8,6 +9,12 @@ connection, then exits; the difference of the two totals, divided by --requests,
 what one request costs, start-up and shut-down cancelled out. Needs valgrind.
 jwtplus-jwks gets an RS256 token of its identity provider, whose RSA key is made
 once per run (its JWK Set is fetched before the server listens: bench/servers.py).
+jwtplus-fresh gets a new token on every request (minted before the run), so each
+one misses the verified-token cache. jwtplus-sessions and jwtplus-redis get an access
+token of Sessions; jwtplus-redis's redis-server is started here, on a free loopback
+port, and stopped at the end (needs redis-server and redis-py). --concurrency N
+drives N keep-alive connections at once: each round sends one request on every
+connection, then reads every answer, so the server has N requests in hand.
 
 String hashing is randomised per process, and dict and set layouts with it: the same
 code counts a few thousand instructions more or less from run to run. So each count is
@@ -18,6 +25,9 @@ two versions of the code compared under the same seeds differ only by the code.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import functools
 import os
 import re
 import shutil
@@ -27,13 +37,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jwtplus
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from servers import IDP_CLAIMS, MODES, idp_manager, new_idp_key  # noqa: E402
+from servers import IDP_CLAIMS, MODES, SESSION_MODES, SESSION_SETTINGS, idp_manager, new_idp_key  # noqa: E402
+
+ALL_MODES = (*MODES, "jwtplus-fresh", *SESSION_MODES)
 
 SECRET = "bench secret of more than thirty-two bytes"  # noqa: S105 (a benchmark's own key)
 BASE = 200
@@ -47,32 +60,61 @@ def free_port() -> int:
         return port
 
 
-def drive(port: int, requests: int, token: str, timeout: float = 600) -> None:
-    """Send *requests* GET /hello over one connection, each after the previous answer."""
+def connect(port: int, timeout: float) -> socket.socket:
+    """A connection to the server under callgrind, which takes a while to listen."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-            break
+            return socket.create_connection(("127.0.0.1", port), timeout=60)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    request = f"GET /hello HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    with sock:
-        for _ in range(requests):
-            sock.sendall(request)
-            answer = b""
-            while b"Hello, world" not in answer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise RuntimeError(f"the server closed the connection: {answer[:200]!r}")
-                answer += chunk
-            if not answer.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"not a 200: {answer[:200]!r}")
 
 
-def instructions(mode: str, requests: int, token: str, idp_key: str, directory: Path, seed: int) -> int:
+def answer_of(sock: socket.socket) -> None:
+    """Read one answer to GET /hello from *sock*; it must be a 200."""
+    answer = b""
+    while b"Hello, world" not in answer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError(f"the server closed the connection: {answer[:200]!r}")
+        answer += chunk
+    if not answer.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"not a 200: {answer[:200]!r}")
+
+
+def drive(port: int, requests: int, tokens: Callable[[int], str], connections: int = 1) -> None:
+    """Send *requests* GET /hello (the i-th with ``tokens(i)``) over *connections* keep-alive connections,
+    in rounds: one request on each connection, then every answer."""
+    socks = [connect(port, 600) for _ in range(connections)]
+    with contextlib.ExitStack() as stack:
+        for sock in socks:
+            stack.enter_context(sock)
+        sent = 0
+        while sent < requests:
+            batch = socks[: requests - sent]
+            for sock in batch:
+                token = tokens(sent)
+                sock.sendall(
+                    f"GET /hello HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+                )
+                sent += 1
+            for sock in batch:
+                answer_of(sock)
+
+
+def instructions(
+    mode: str,
+    requests: int,
+    tokens: Callable[[int], str],
+    idp_key: str,
+    directory: Path,
+    seed: int,
+    *,
+    connections: int = 1,
+    redis_port: int = 0,
+) -> int:
     """Total instructions of one server run under callgrind that answers *requests* requests."""
     port = free_port()
     env = {
@@ -81,6 +123,7 @@ def instructions(mode: str, requests: int, token: str, idp_key: str, directory: 
         "BENCH_IDP_KEY": idp_key,
         "BENCH_EXIT_AFTER": str(requests),
         "BENCH_PORT": str(port),
+        "BENCH_REDIS_PORT": str(redis_port),
         "PYTHONHASHSEED": str(seed),
     }
     log = directory / f"{mode}-{requests}.log"
@@ -96,7 +139,7 @@ def instructions(mode: str, requests: int, token: str, idp_key: str, directory: 
     with log.open("w") as err:
         server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)  # noqa: S603
         try:
-            drive(port, requests, token)
+            drive(port, requests, tokens, connections)
             server.wait(timeout=600)
         finally:
             if server.poll() is None:
@@ -107,6 +150,27 @@ def instructions(mode: str, requests: int, token: str, idp_key: str, directory: 
     return int(collected[1])
 
 
+@contextlib.contextmanager
+def redis_server(wanted: bool) -> Iterator[int]:
+    """A redis-server of its own on a free loopback port (no persistence), stopped on the way out;
+    0 when not *wanted*."""
+    if not wanted:
+        yield 0
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("jwtplus-redis needs redis-server (Debian: apt-get install redis-server)")
+    port = free_port()
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    try:
+        connect(port, 30).close()
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,32 +179,56 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--seeds", default="0,1,2", help="PYTHONHASHSEED values; the median is reported")
     parser.add_argument("--output", type=Path, help="append the table to this Markdown file")
+    parser.add_argument("--concurrency", type=int, default=1, help="keep-alive connections driven at once")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("bench/instructions.py needs valgrind (Debian: apt-get install valgrind)")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     modes = args.modes.split(",")
-    if unknown := [mode for mode in modes if mode not in MODES]:
-        sys.exit(f"bench/instructions.py: unknown modes {', '.join(unknown)}: choose from {', '.join(MODES)}")
-    hs256 = jwtplus.SecretManager(secret=SECRET).encode({"username": "bench", "jti": "bench"}, now=BENCH_NOW)
+    if unknown := [mode for mode in modes if mode not in ALL_MODES]:
+        sys.exit(
+            f"bench/instructions.py: unknown modes {', '.join(unknown)}: choose from {', '.join(ALL_MODES)}"
+        )
+    if args.concurrency < 1 or BASE % args.concurrency or args.requests % args.concurrency:
+        sys.exit(f"--concurrency must divide {BASE} and --requests")
+    manager = jwtplus.SecretManager(secret=SECRET)
+    hs256 = manager.encode({"username": "bench", "jti": "bench"}, now=BENCH_NOW)
     idp_key = new_idp_key() if "jwtplus-jwks" in modes else ""
     rs256 = idp_manager(idp_key).encode({**IDP_CLAIMS, "jti": "bench"}, now=BENCH_NOW) if idp_key else ""
+    fresh = [manager.encode({"username": "bench"}, now=BENCH_NOW) for _ in range(BASE + args.requests)]
+    sessions = jwtplus.Sessions(manager=manager, **SESSION_SETTINGS)
+    session_token = asyncio.run(jwtplus.issue_tokens(sessions, "bench", now=BENCH_NOW)).access
+    token_of: dict[str, Callable[[int], str]] = {
+        "jwtplus-jwks": lambda i: rs256,
+        "jwtplus-fresh": fresh.__getitem__,
+        "jwtplus-sessions": lambda i: session_token,
+        "jwtplus-redis": lambda i: session_token,
+    }
     per_request: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, redis_server("jwtplus-redis" in modes) as redis_port:
         for mode in modes:
             counts = []
+            tokens = token_of.get(mode, lambda i: hs256)
             for seed in seeds:
-                token = rs256 if mode == "jwtplus-jwks" else hs256
-                low = instructions(mode, BASE, token, idp_key, Path(scratch), seed)
-                high = instructions(mode, BASE + args.requests, token, idp_key, Path(scratch), seed)
+                run = functools.partial(
+                    instructions,
+                    mode,
+                    tokens=tokens,
+                    idp_key=idp_key,
+                    directory=Path(scratch),
+                    seed=seed,
+                    connections=args.concurrency,
+                    redis_port=redis_port,
+                )
+                low, high = run(BASE), run(BASE + args.requests)
                 counts.append((high - low) / args.requests)
             per_request[mode] = statistics.median(counts)
             each = ", ".join(f"{count:,.0f}" for count in counts)
             print(f"  {mode:<14} {per_request[mode]:>10,.0f} instructions per request ({each})", flush=True)
     bare = per_request.get("bare")
     lines = [
-        "Instructions per request (callgrind, asyncio, reused token, one keep-alive connection; median over",
-        f"PYTHONHASHSEED {args.seeds}), and bare aiohttp's count divided by the mode's:",
+        f"Instructions per request (callgrind, asyncio, {args.concurrency} keep-alive connection(s); "
+        f"median over PYTHONHASHSEED {args.seeds}), and bare aiohttp's count divided by the mode's:",
         "",
         "| mode | instructions per request | ratio to bare |",
         "|---|---:|---:|",

@@ -39,6 +39,13 @@ import jwtplus
 
 MODES = ("bare", "passthrough", "jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt")
 """Modes in table order: the baseline first, then the cost of one middleware, then the JWT middlewares."""
+SESSION_MODES = ("jwtplus-sessions", "jwtplus-redis")
+"""bench/instructions.py's modes besides MODES: ``setup()`` with :class:`jwtplus.Sessions`, their
+revocations in a memory store, or in a real redis-server at BENCH_REDIS_PORT (one MGET per request).
+jwtplus-fresh is jwtplus-setup's server; the driver sends it a new token every request."""
+SESSION_SETTINGS: dict[str, Any] = {"access_exptime": "1d", "refresh_exptime": "30d"}
+"""The sessions of the session modes, driver and server alike: a token minted at the start of a day
+stays valid all day, as the other modes' does."""
 
 LOOPS = ("asyncio", "uvloop")
 
@@ -50,6 +57,9 @@ MODE_LABELS = {
     "jwtplus-jwks": "jwtplus, JWKS consumer (IdentityProvider, RS256, keys cached)",
     "aiohttp-jwt": "aiohttp-jwt 0.6.1 (JWTMiddleware)",
     "pyjwt": "plain jwt.decode middleware",
+    "jwtplus-fresh": "jwtplus, setup(), a different token every request",
+    "jwtplus-sessions": "jwtplus, setup() + Sessions + memory_store",
+    "jwtplus-redis": "jwtplus, setup() + Sessions + redis_store (redis-server on loopback)",
 }
 
 PATH = "/hello"
@@ -119,7 +129,32 @@ def aiohttp_jwt_middlewares(secret: str) -> list[Middleware]:
     return [JWTMiddleware(secret, algorithms=["HS256"])]
 
 
+def bench_sessions(secret: str, mode: str) -> jwtplus.Sessions:
+    """The Sessions of a session mode: the memory store, or redis-py on BENCH_REDIS_PORT with the
+    timeouts redis_store asks for and no retries."""
+    manager = jwtplus.SecretManager(secret=secret)
+    if mode != "jwtplus-redis":
+        return jwtplus.Sessions(manager=manager, **SESSION_SETTINGS)
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=int(os.environ["BENCH_REDIS_PORT"]),
+        socket_timeout=1,
+        socket_connect_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return jwtplus.Sessions(manager=manager, store=jwtplus.redis_store(client), **SESSION_SETTINGS)
+
+
 def middlewares(mode: str, secret: str, jwks_uri: str | None = None) -> list[Middleware]:
+    if mode in SESSION_MODES:
+        helper = jwtplus.JWTHelper(sessions=bench_sessions(secret, mode), protected_apis=(PATH,))
+        return [helper.middleware()]
+    if mode == "jwtplus-fresh":
+        mode = "jwtplus-setup"
     if mode == "bare":
         return []
     if mode == "passthrough":
@@ -201,10 +236,11 @@ async def serve(mode: str, secret: str, exit_after: int = 0) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in MODES or argv[1] not in LOOPS:
+    known = (*MODES, "jwtplus-fresh", *SESSION_MODES)
+    if len(argv) != 2 or argv[0] not in known or argv[1] not in LOOPS:
         sys.exit(
-            f"usage: BENCH_SECRET=... [BENCH_IDP_KEY=PEM] servers.py {{{'|'.join(MODES)}}} "
-            f"{{{'|'.join(LOOPS)}}}"
+            f"usage: BENCH_SECRET=... [BENCH_IDP_KEY=PEM] [BENCH_REDIS_PORT=N] servers.py "
+            f"{{{'|'.join(known)}}} {{{'|'.join(LOOPS)}}}"
         )
     mode, loop = argv
     secret, exit_after = os.environ["BENCH_SECRET"], int(os.environ.get("BENCH_EXIT_AFTER", "0"))
