@@ -1719,11 +1719,7 @@ def subject_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
 def user_identifier(payload: dict[str, Any]) -> dict[str, Any] | None:
     """Accept a payload that names its user, by a non-empty ``sub`` (RFC 7519, what :class:`Sessions`
     issue) or ``username`` string (the seed's), and carry it whole: the functional API's default."""
-    for name in ("sub", "username"):
-        value = payload.get(name)
-        if isinstance(value, str) and value:
-            return payload
-    return None
+    return payload if _identity(payload) is not None else None
 
 
 def _identity(claims: Mapping[str, Any] | None) -> str | None:
@@ -2273,14 +2269,19 @@ def _refusal_of(request: web.Request, scheme: str, action: Action, status: AuthS
     return Refusal(answer.status, reason, status, answer)
 
 
-Refuse: TypeAlias = Callable[[web.Request, Action], Awaitable[web.StreamResponse]]
+Refuse: TypeAlias = Callable[[web.Request, "Action | web.Response"], Awaitable[web.StreamResponse]]
 
 
 def _refuser(scheme: str, on_refusal: OnRefusal | None) -> Refuse:
-    """Return ``refuse(request, action)``: log the refusal, and answer it (through *on_refusal*, if any)."""
+    """Return ``refuse(request, verdict)``: log a refusal (an :class:`Action`) and answer it, through
+    *on_refusal* if any; a ready answer (the 500 of a wiring that judges twice) goes out as it is."""
+    if on_refusal is not None and not callable(on_refusal):
+        raise TypeError(f"on_refusal must be a function (request, refusal) or None, got {on_refusal!r}")
 
-    async def refuse(request: web.Request, action: Action) -> web.StreamResponse:
-        refusal = _refusal_of(request, scheme, action, request._state.get(AUTH_STATUS, "invalid"))
+    async def refuse(request: web.Request, verdict: Action | web.Response) -> web.StreamResponse:
+        if not isinstance(verdict, Action):
+            return verdict
+        refusal = _refusal_of(request, scheme, verdict, request._state.get(AUTH_STATUS, "invalid"))
         return refusal.response if on_refusal is None else await _shaped(request, refusal, on_refusal)
 
     return refuse
@@ -2307,25 +2308,20 @@ async def _shaped(request: web.Request, refusal: Refusal, on_refusal: OnRefusal)
     return answer
 
 
-def _validated_hook(on_refusal: OnRefusal | None) -> OnRefusal | None:
-    if on_refusal is not None and not callable(on_refusal):
-        raise TypeError(f"on_refusal must be a function (request, refusal) or None, got {on_refusal!r}")
-    return on_refusal
-
-
 def _http_error(
-    scheme: str, status: AuthStatus, request: web.Request | None = None, reason: str = "", detail: str = ""
+    scheme: str, status: AuthStatus, request: web.Request | None = None, detail: str = "", reason: str = ""
 ) -> web.HTTPException:
     """:func:`_challenge`'s answer as an exception, for the helpers called inside handlers: logged like
-    the middleware's refusals when *request* is given (*reason*, or the one the pipeline just noted), and
-    shaped by the middleware's ``on_refusal`` hook."""
+    the middleware's refusals when *request* is given, and shaped by the middleware's ``on_refusal`` hook.
+    With a *detail*, the refusal is this one (*reason*, by default the status); without, the one the
+    pipeline just noted on the request."""
     action = _refusal(status)
     if request is None:
         answer = _challenge(scheme, action, status, reason)
         refusal = Refusal(answer.status, reason or status, status, answer)
     else:
-        if reason:
-            request._state[_REASON] = (reason, detail or reason)
+        if detail:
+            request._state[_REASON] = (reason or status, detail)
         refusal = _refusal_of(request, scheme, action, status)
     answer = refusal.response
     error = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden}.get(
@@ -2666,7 +2662,7 @@ def _authentication(
     identify, decode, scheme = _identifier(
         manager, issuers, token_getter, identifier, checks, cache_size, clock
     )
-    refuse = _refuser(scheme, _validated_hook(on_refusal))
+    refuse = _refuser(scheme, on_refusal)
     routed: dict[tuple[web.Application, ...], bool] = {}
 
     @web.middleware
@@ -2680,9 +2676,7 @@ def _authentication(
                 return _misconfigured(_UNROUTED)
         verdict = await identify(request, policy_of(request))
         if verdict.__class__ is not str:
-            if isinstance(verdict, Action):
-                return await refuse(request, verdict)
-            return cast(web.Response, verdict)
+            return await refuse(request, cast("Action | web.Response", verdict))
         if on_refusal is None:
             return await handler(request)
         return await _shaping(handler, request, on_refusal)
@@ -2705,7 +2699,7 @@ def router_middleware(
     and *on_refusal*, given, shapes its answer (see :class:`Refusal`).
     """
     route = _router(rules, login_page_handler, app_page_handler)
-    refuse = _refuser(scheme, _validated_hook(on_refusal))
+    refuse = _refuser(scheme, on_refusal)
 
     @web.middleware
     async def jwt_router(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -2743,16 +2737,14 @@ def jwt_middleware(
         manager, issuers, token_getter, identifier, checks, cache_size, clock
     )
     route = _router(rules, login_page_handler, app_page_handler)
-    refuse = _refuser(scheme, _validated_hook(on_refusal))
+    refuse = _refuser(scheme, on_refusal)
 
     @web.middleware
     async def jwt_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         policy = policy_of(request)
         verdict = await identify(request, policy)
         if verdict.__class__ is not str:
-            if isinstance(verdict, Action):
-                return await refuse(request, verdict)
-            return cast(web.Response, verdict)
+            return await refuse(request, cast("Action | web.Response", verdict))
         target = route(request, cast(AuthStatus, verdict), policy)
         if target is None:
             if on_refusal is None:
@@ -2886,10 +2878,14 @@ def set_login_cookies(
     *,
     cookies: CookiePolicy = DEFAULT_COOKIES,
     now: float | None = None,
+    expires_in: Duration | None = None,
 ) -> str:
-    """Log in with cookies alone: mint a token for *claims* with a fresh random ``csrf`` claim, set the
-    token and CSRF cookies on *response*, and return the token. :class:`Sessions` do more."""
-    token = encode_token(manager, {**claims, "csrf": secrets.token_urlsafe(32)}, now=now)
+    """Log in with cookies alone: mint a token for *claims* (see :func:`encode_token`) with a fresh random
+    ``csrf`` claim, set the token and CSRF cookies on *response*, and return the token. :class:`Sessions`
+    do more."""
+    token = encode_token(
+        manager, {**claims, "csrf": secrets.token_urlsafe(32)}, now=now, expires_in=expires_in
+    )
     set_token_cookies(response, manager, token, cookies=cookies, now=now)
     return token
 
@@ -3344,14 +3340,14 @@ async def refresh_session(
         raise _http_error(scheme, status, request)
     family, jti, subject = _text(claims, "fam"), _text(claims, "jti"), _text(claims, "sub")
     if family is None or jti is None or subject is None:
-        raise _http_error(scheme, "invalid", request, "invalid", "a refresh token without fam, jti or sub")
+        raise _http_error(scheme, "invalid", request, "a refresh token without fam, jti or sub")
     auth_time = claims.get("auth_time", claims.get("iat"))  # 1.0's tokens have no auth_time
     if (
         not isinstance(auth_time, int)
         or isinstance(auth_time, bool)
         or now >= auth_time + sessions.login_seconds
     ):
-        raise _http_error(scheme, "invalid", request, "expired", "the login lifetime is over")
+        raise _http_error(scheme, "invalid", request, "the login lifetime is over", reason="expired")
     kept = await _reloaded(request, sessions, claims, subject, family, now)
     try:
         key = _store_key(sessions, "used", jti)
@@ -3361,12 +3357,12 @@ async def refresh_session(
             if not sessions.grace_seconds or not 0 <= now - used_at <= sessions.grace_seconds:
                 _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
                 await revoke_family(sessions, family, now=now)
-            raise _http_error(scheme, "invalid", request, "revoked", "a refresh token used again")
+            raise _http_error(scheme, "invalid", request, "a refresh token used again", reason="revoked")
     except web.HTTPException:
         raise
     except Exception as exc:
         _store_failed(exc, "refresh refused (503)")
-        raise _http_error(scheme, "unavailable", request, "unavailable", "the store failed") from None
+        raise _http_error(scheme, "unavailable", request, "the store failed") from None
     generation = claims.get("gen")
     return _mint(
         sessions,
@@ -3402,18 +3398,18 @@ async def _reloaded(
         if reloaded is None:
             _log.info("jwtplus: reload_claims ended a login; its family is revoked")
             await revoke_family(sessions, family, now=now)
-            raise _http_error(scheme, "invalid", request, "revoked", "reload_claims ended the login")
+            raise _http_error(scheme, "invalid", request, "reload_claims ended the login", reason="revoked")
     except web.HTTPException:
         raise
     except Exception:
         _log.warning("jwtplus: reload_claims or the store raised; refresh refused (503)", exc_info=True)
-        raise _http_error(scheme, "unavailable", request, "unavailable", "reload_claims raised") from None
+        raise _http_error(scheme, "unavailable", request, "reload_claims raised") from None
     if not isinstance(reloaded, Mapping):
         _log.warning(
             "jwtplus: reload_claims returned a %s, not claims or None; refresh refused (503)",
             type(reloaded).__name__,
         )
-        raise _http_error(scheme, "unavailable", request, "unavailable", "reload_claims returned no claims")
+        raise _http_error(scheme, "unavailable", request, "reload_claims returned no claims")
     return {k: v for k, v in reloaded.items() if k not in _REGISTERED_CLAIMS}
 
 
@@ -3495,7 +3491,7 @@ async def end_session(
         if claims is not None and await _maybe_await(
             csrf_check(cookies, every_method=True)(request, claims, now)
         ):
-            raise _http_error(scheme, "rejected", request, "csrf", "a logout without the CSRF value")
+            raise _http_error(scheme, "rejected", request, "a logout without the CSRF value", reason="csrf")
     else:
         claims = None
         for token_type in ("access", "refresh"):
@@ -3523,7 +3519,7 @@ async def end_session(
             )
     except Exception as exc:
         _store_failed(exc, "logout refused (503)")
-        raise _http_error(scheme, "unavailable", request, "unavailable", "the store failed") from None
+        raise _http_error(scheme, "unavailable", request, "the store failed") from None
 
 
 # ---- Revocation stores ----
@@ -4003,8 +3999,9 @@ def auth_headers(
         return {"Authorization": f"{manager.scheme} {token}"}
     if not isinstance(cookies, CookiePolicy):
         raise TypeError(f"cookies must be a CookiePolicy or None, got {cookies!r}")
-    csrf = secrets.token_urlsafe(32)
-    token = encode_token(manager, {**claims, "csrf": csrf}, now=now, expires_in=expires_in)
+    login = web.Response()
+    token = set_login_cookies(login, manager, claims, cookies=cookies, now=now, expires_in=expires_in)
+    csrf = login.cookies[cookies.csrf_cookie].value
     return {
         "Cookie": f"{cookies.token_cookie}={token}; {cookies.csrf_cookie}={csrf}",
         cookies.csrf_header: csrf,

@@ -10451,17 +10451,24 @@ def refreshes(demo: Server) -> list[str]:
 
 # -- 18: two tabs, and several requests in one tab, never log the user out by themselves --
 
+ME_STATUS = "() => fetch('/api/me').then((response) => response.status)"
+
+
+async def two_logged_in_tabs(context: Any, demo: Server) -> tuple[Any, Any]:
+    """Two pages of one browser context (their cookies shared), jacky logged in through the first."""
+    first, second = await context.new_page(), await context.new_page()
+    await browser_log_in(first, demo)
+    await second.goto(f"{demo.url}/index.html")
+    await second.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+    return first, second
+
 
 @needs_chromium
 async def test_two_tabs_whose_access_cookie_is_dropped_at_once_stay_logged_in(spawn: Spawn) -> None:
     demo = await spawn("spa_demo", EXAMPLES / "spa_demo.py")
     async with chromium() as browser:
         context = await browser.new_context()
-        first = await context.new_page()
-        await browser_log_in(first, demo)
-        second = await context.new_page()
-        await second.goto(f"{demo.url}/index.html")
-        await second.wait_for_function("document.getElementById('user').textContent === 'jacky'")
+        first, second = await two_logged_in_tabs(context, demo)
 
         # Every refresh is held 300 ms on its way, so two tabs that do not wait for each other
         # both send the same refresh token before either gets its new pair.
@@ -10495,7 +10502,7 @@ async def test_two_tabs_whose_access_cookie_is_dropped_at_once_stay_logged_in(sp
 
         # The family lives: a later request from either tab, with no refresh in between, works.
         for page in (first, second):
-            assert await page.evaluate("() => fetch('/api/me').then((response) => response.status)") == 200
+            assert await page.evaluate(ME_STATUS) == 200
         await context.unroute("**/api/refresh")
         await context.clear_cookies(name="__Host-access_token")
         assert await second.evaluate(CALL_API, "/api/setattr") == 200
@@ -10513,10 +10520,7 @@ async def test_without_web_locks_the_reuse_grace_keeps_racing_tabs_logged_in(spa
         await context.add_init_script(
             "Object.defineProperty(Navigator.prototype, 'locks', {get: () => undefined})"
         )
-        pages = [await context.new_page(), await context.new_page()]
-        await browser_log_in(pages[0], demo)
-        await pages[1].goto(f"{demo.url}/index.html")
-        await pages[1].wait_for_function("document.getElementById('user').textContent === 'jacky'")
+        pages = await two_logged_in_tabs(context, demo)
         assert await pages[1].evaluate("navigator.locks === undefined")
 
         # Each refresh reaches the server at once, and its answer reaches the page 300 ms later:
@@ -10535,7 +10539,7 @@ async def test_without_web_locks_the_reuse_grace_keeps_racing_tabs_logged_in(spa
             assert statuses == [200, 200], (attempt, statuses, refreshes(demo))
         for page in pages:
             assert page.url == f"{demo.url}/index.html"
-            assert await page.evaluate("() => fetch('/api/me').then((r) => r.status)") == 200
+            assert await page.evaluate(ME_STATUS) == 200
     assert refreshes(demo).count("200") == 3, refreshes(demo)
     assert refreshes(demo).count("401") >= 1, f"no race happened: {refreshes(demo)}"
     assert "used twice" not in demo.stderr()
