@@ -81,6 +81,7 @@ __all__ = (
     "Duration",
     "KeyIdError",
     "StoreFullError",
+    "StoreNotDurableError",
     "TokenTooLargeError",
     # durations
     "parse_duration",
@@ -253,6 +254,11 @@ class AmbiguousTokenError(Exception):
 
 class StoreFullError(RuntimeError):
     """Raised by the memory store when it is full of unexpired entries: fail closed, never forget."""
+
+
+class StoreNotDurableError(RuntimeError):
+    """Raised by :func:`redis_store` when no replica confirmed a write in time: a failover could lose
+    it, so jwtplus does not acknowledge it (503)."""
 
 
 # ---- Durations ----
@@ -3028,7 +3034,8 @@ class Sessions:
     namespace: str | None = None
     """Prefix of this app's entries in the store. None: derived from the manager's secret (without
     revealing it), so apps with different secrets sharing one Redis never touch each other's
-    entries; "" is 1.0's layout."""
+    entries; "": none. Braces are refused: they hold the slot tag that keeps a token's keys on one
+    Redis Cluster node."""
     access_seconds: float = field(init=False)
     """The access token lifetime in seconds."""
     refresh_seconds: float = field(init=False)
@@ -3089,6 +3096,11 @@ class Sessions:
             namespace = digest[:16] + ":"
         if not isinstance(namespace, str):
             raise TypeError(f"namespace={namespace!r} must be a string or None (derived from the secret)")
+        if "{" in namespace or "}" in namespace:
+            raise ValueError(
+                f"namespace={namespace!r} must not contain braces: jwtplus puts each subject's hash tag "
+                'in braces, so that its keys share one Redis Cluster slot (say namespace="myapp:")'
+            )
         object.__setattr__(self, "namespace", namespace)
         object.__setattr__(self, "access_seconds", access)
         object.__setattr__(self, "refresh_seconds", refresh)
@@ -3155,14 +3167,15 @@ async def issue_tokens(
         raise ValueError(f"subject={subject!r} must be a non-empty string (it becomes the sub claim)")
     now = time.time() if now is None else now
     try:
-        (generation,) = await sessions.store.get_many([_store_key(sessions, "subject", subject)], now)
+        key = _store_key(sessions, _slot_tag(subject), "subject", subject)
+        (generation,) = await sessions.store.get_many([key], now)
     except Exception as exc:
         if not sessions.fail_open:
             _store_failed(exc, "login refused (503)")
             raise _http_error(sessions.manager.scheme, "unavailable") from None
         _store_failed(exc, "login goes on without the subject's generation (fail-open)")
         generation = None
-    family = secrets.token_urlsafe(16)
+    family = f"{_slot_tag(subject)}.{secrets.token_urlsafe(16)}"
     return _mint(
         sessions,
         subject,
@@ -3235,24 +3248,57 @@ def _text(claims: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _store_key(sessions: Sessions, kind: str, value: str) -> str:
-    """The store key of one fact: ``<namespace><kind>:<value>``."""
-    return f"{sessions.namespace}{kind}:{value}"
+@functools.lru_cache(maxsize=4096)
+def _slot_tag(name: str) -> str:
+    """The Redis Cluster hash tag of a subject's entries (8 hex digits of its SHA-256): every key one
+    token needs then lies in one slot, so one ``MGET`` reads them on a cluster too."""
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+_FAMILY = re.compile(r"([0-9a-f]{8})\.[A-Za-z0-9_-]{22}")
+"""A family id as :func:`issue_tokens` mints it: its subject's slot tag, a dot, 16 random bytes."""
+
+
+def _family_tag(family: str, subject: str | None) -> str | None:
+    """The slot tag of a family's entries: the one it carries, else its subject's (None: unknown)."""
+    if subject is not None:
+        return _slot_tag(subject)
+    anchored = _FAMILY.fullmatch(family)
+    return anchored.group(1) if anchored is not None else None
+
+
+def _token_tag(claims: Mapping[str, Any]) -> str | None:
+    """The slot tag of a token's entries: its subject's, else its family's, else its jti's."""
+    subject, family, jti = _text(claims, "sub"), _text(claims, "fam"), _text(claims, "jti")
+    if subject is not None:
+        return _slot_tag(subject)
+    if family is not None:
+        return _family_tag(family, None) or _slot_tag(family)
+    return None if jti is None else _slot_tag(jti)
+
+
+def _store_key(sessions: Sessions, tag: str, kind: str, value: str) -> str:
+    """The store key of one fact: ``<namespace>{<tag>}<kind>:<value>``, the tag in Redis's braces."""
+    return f"{sessions.namespace}{{{tag}}}{kind}:{value}"
 
 
 _REVOCATION_CLAIMS = (("revoked", "jti"), ("family", "fam"), ("subject", "sub"))
 
 
 def _revocation_keys(sessions: Sessions, claims: Mapping[str, Any]) -> list[str]:
-    """The store keys that can revoke a token: its own jti, its family, its subject's generation.
+    """The store keys that can revoke a token: its own jti, its family, its subject's generation,
+    all in one slot.
 
     A claim that is absent, empty or not a string has no key, so no two tokens share one by accident.
     """
+    tag = _token_tag(claims)
+    if tag is None:
+        return []
     keys = []
     for kind, name in _REVOCATION_CLAIMS:
         value = claims.get(name)
         if value.__class__ is str and value:
-            keys.append(f"{sessions.namespace}{kind}:{value}")
+            keys.append(f"{sessions.namespace}{{{tag}}}{kind}:{value}")
     return keys
 
 
@@ -3350,13 +3396,13 @@ async def refresh_session(
         raise _http_error(scheme, "invalid", request, "the login lifetime is over", reason="expired")
     kept = await _reloaded(request, sessions, claims, subject, family, now)
     try:
-        key = _store_key(sessions, "used", jti)
+        key = _store_key(sessions, _slot_tag(subject), "used", jti)
         used_at = await sessions.store.consume(key, now, _outlives(sessions, claims["exp"]), now)
         if used_at is not None:
             # within the grace only forward in time: a server whose clock runs behind forgives no thief
             if not sessions.grace_seconds or not 0 <= now - used_at <= sessions.grace_seconds:
                 _log.warning("jwtplus: a refresh token was used twice; its family is revoked")
-                await revoke_family(sessions, family, now=now)
+                await revoke_family(sessions, family, subject=subject, now=now)
             raise _http_error(scheme, "invalid", request, "a refresh token used again", reason="revoked")
     except web.HTTPException:
         raise
@@ -3397,7 +3443,7 @@ async def _reloaded(
         reloaded = await _maybe_await(sessions.reload_claims(subject, kept))
         if reloaded is None:
             _log.info("jwtplus: reload_claims ended a login; its family is revoked")
-            await revoke_family(sessions, family, now=now)
+            await revoke_family(sessions, family, subject=subject, now=now)
             raise _http_error(scheme, "invalid", request, "reload_claims ended the login", reason="revoked")
     except web.HTTPException:
         raise
@@ -3430,18 +3476,36 @@ async def revoke_token(sessions: Sessions, claims: Mapping[str, Any], *, now: fl
     if jti is None:
         raise ValueError("the token has no jti to revoke it by: use revoke_family or revoke_subject")
     now = time.time() if now is None else now
-    await sessions.store.put(
-        _store_key(sessions, "revoked", jti), now, _outlives(sessions, claims["exp"]), now
-    )
+    key = _store_key(sessions, cast(str, _token_tag(claims)), "revoked", jti)
+    await sessions.store.put(key, now, _outlives(sessions, claims["exp"]), now)
 
 
-async def revoke_family(sessions: Sessions, family: str, *, now: float | None = None) -> None:
-    """Revoke every token of a login family, for as long as any of them can live."""
+async def revoke_family(
+    sessions: Sessions, family: str, *, subject: str | None = None, now: float | None = None
+) -> None:
+    """Revoke every token of a login family, for as long as any of them can live.
+
+    A family id :func:`issue_tokens` minted names its subject's slot; one minted
+    before 1.1 does not, and needs *subject* (the tokens' ``sub``).
+    """
     if not isinstance(family, str) or not family:
         raise ValueError(f"family={family!r} must be a non-empty string (a token's fam claim)")
+    if subject is not None and (not isinstance(subject, str) or not subject):
+        raise ValueError(f"subject={subject!r} must be a non-empty string (the tokens' sub claim) or None")
+    tag = _family_tag(family, subject)
+    if tag is None:
+        raise ValueError(
+            f"family={family!r} was not minted by jwtplus 1.1 and names no subject: "
+            "pass subject= (the sub claim of its tokens)"
+        )
     now = time.time() if now is None else now
+    await _revoke_family(sessions, tag, family, now)
+
+
+async def _revoke_family(sessions: Sessions, tag: str, family: str, now: float) -> None:
+    """Put a family's revocation under *tag*, as long as any of its tokens can live."""
     until = _outlives(sessions, now + sessions.manager.leeway_seconds + sessions.refresh_seconds)
-    await sessions.store.put(_store_key(sessions, "family", family), now, until, now)
+    await sessions.store.put(_store_key(sessions, tag, "family", family), now, until, now)
 
 
 async def revoke_subject(sessions: Sessions, subject: str, *, now: float | None = None) -> None:
@@ -3457,7 +3521,9 @@ async def revoke_subject(sessions: Sessions, subject: str, *, now: float | None 
     now = time.time() if now is None else now
     until = _outlives(sessions, now + sessions.manager.leeway_seconds + sessions.refresh_seconds)
     generation = float(secrets.randbits(52))  # a float is what a store keeps, exactly
-    await sessions.store.put(_store_key(sessions, "subject", subject), generation, until, now)
+    await sessions.store.put(
+        _store_key(sessions, _slot_tag(subject), "subject", subject), generation, until, now
+    )
 
 
 async def end_session(
@@ -3507,7 +3573,7 @@ async def end_session(
         if everywhere and subject is not None:
             await revoke_subject(sessions, subject, now=now)
         elif family is not None:
-            await revoke_family(sessions, family, now=now)
+            await _revoke_family(sessions, cast(str, _token_tag(claims)), family, now)
         elif jti is not None:
             await revoke_token(sessions, claims, now=now)
         elif subject is not None:  # a token minted elsewhere, with no family or jti: only its subject is left
@@ -3606,18 +3672,29 @@ MAX_STORE_TIMEOUT = 5.0
 """The longest socket timeout :func:`redis_store` accepts, in seconds: a request waits at most one."""
 
 
-def _bounded_client(client: Any) -> None:
-    """Refuse a redis-py client that could stall a request: no timeout, a long one, or retries.
+def _bounded_client(client: Any, kind: str, waited: float) -> None:
+    """Refuse a redis-py client that could stall a request: no timeout, a long one, one that ends
+    before a ``WAIT`` of *waited* seconds does, or one that retries (a cluster client's retry would
+    also send a write's ``WAIT`` to another node, which confirms nothing).
 
-    Clients that are not redis-py's (no ``connection_pool.connection_kwargs``) are their own business.
+    Clients that are not redis-py's (no connection settings to read) are their own business.
     """
-    settings = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if kind == "cluster":
+        settings = getattr(client, "connection_kwargs", None)
+        retry = getattr(client, "retry", None)
+        forms = (
+            "build it with RedisCluster(host=..., port=..., socket_timeout=1, socket_connect_timeout=1, "
+            "retry=Retry(NoBackoff(), 0))"
+        )
+    else:
+        settings = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+        retry = None if not isinstance(settings, dict) else settings.get("retry")
+        forms = (
+            "build it with redis.asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1), "
+            "or Redis(..., socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))"
+        )
     if not isinstance(settings, dict):
         return
-    forms = (
-        "build it with redis.asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1), "
-        "or Redis(..., socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))"
-    )
     for name in ("socket_timeout", "socket_connect_timeout"):
         value = settings.get(name)
         if not isinstance(value, (int, float)) or not 0 < value <= MAX_STORE_TIMEOUT:
@@ -3625,45 +3702,113 @@ def _bounded_client(client: Any) -> None:
                 f"redis_store: the client's {name}={value!r} lets a hung Redis stall requests "
                 f"(it must be a number of seconds up to {MAX_STORE_TIMEOUT:g}): {forms}"
             )
-    retries = getattr(settings.get("retry"), "_retries", 0)
-    if retries:
+    if settings["socket_timeout"] <= waited:
+        raise ValueError(
+            f"redis_store: the client's socket_timeout={settings['socket_timeout']!r} ends before a WAIT "
+            f"of replica_timeout={waited:g} s: make replica_timeout shorter, or the socket timeout longer"
+        )
+    retries = getattr(retry, "_retries", 0)
+    if isinstance(retries, int) and retries > 0:
         raise ValueError(
             f"redis_store: the client's retry makes {retries} more attempts, with backoff, so a hung Redis "
             f"stalls a request for many timeouts: {forms}"
         )
 
 
-def redis_store(client: Any, *, prefix: str = "jwtplus:") -> RevocationStore:
-    """A store in Redis, shared by every process and machine: *client* is a ``redis.asyncio.Redis``.
+def _client_kind(client: Any) -> str:
+    """What a redis-py client talks to: "cluster", "sentinel" (a ``Sentinel.master_for`` client) or
+    "server"; each can fail over but the last."""
+    if callable(getattr(client, "get_node_from_key", None)):
+        return "cluster"
+    if hasattr(getattr(client, "connection_pool", None), "sentinel_manager"):
+        return "sentinel"
+    return "server"
+
+
+def redis_store(
+    client: Any,
+    *,
+    prefix: str = "jwtplus:",
+    replicas: int | None = None,
+    replica_timeout: Duration = 0.5,
+) -> RevocationStore:
+    """A store in Redis, shared by every process and machine: *client* is a ``redis.asyncio.Redis``,
+    a ``redis.asyncio.RedisCluster``, or a Sentinel's ``master_for(...)`` client.
 
     Writes are single atomic commands (``SET ... EXAT``, ``SET ... NX GET``),
     so two servers racing to consume one refresh token never both win; reads
-    are one ``MGET``. jwtplus never imports redis itself: install it with the
-    ``redis`` extra and pass the client.
+    are one ``MGET``, in one cluster slot. jwtplus never imports redis itself:
+    install it with the ``redis`` extra and pass the client.
+
+    A write is acknowledged (a login, refresh or logout answers) only once
+    *replicas* replicas hold it, waited for with ``WAIT`` for at most
+    *replica_timeout*; else it raises :class:`StoreNotDurableError` (503), so
+    a failover never brings back a logged-out token. None: 1 for a cluster or
+    Sentinel client, 0 for a plain one (set 1 when its server has a replica
+    that can take over).
 
     A hung Redis must cost a request one short timeout, so a redis-py client
     without ``socket_timeout`` and ``socket_connect_timeout`` (each at most
-    :data:`MAX_STORE_TIMEOUT` seconds), or one that retries, is refused:
+    :data:`MAX_STORE_TIMEOUT` seconds, and longer than *replica_timeout*), or one
+    that retries, is refused:
     ``Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)`` is right.
     """
-    _bounded_client(client)
+    if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+        raise ValueError(
+            f"prefix={prefix!r} must be a string without braces: they hold the slot tag that keeps a "
+            'token\'s keys on one Redis Cluster node (say prefix="myapp:")'
+        )
+    kind = _client_kind(client)
+    if replicas is None:
+        replicas = 0 if kind == "server" else 1
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 16:
+        raise ValueError(
+            f"replicas={replicas!r} must be an int from 0 to 16, or None (1 when the client can fail over)"
+        )
+    waited = parse_duration(replica_timeout, name="replica_timeout")
+    if not 0 < waited <= MAX_STORE_TIMEOUT:
+        raise ValueError(
+            f"replica_timeout={replica_timeout!r} must be more than 0 and at most "
+            f"{MAX_STORE_TIMEOUT:g} seconds"
+        )
+    _bounded_client(client, kind, waited if replicas else 0.0)
+    wait_ms = max(1, round(waited * 1000))
 
     def expire_at(until: float, now: float) -> int:
         return max(math.ceil(until), math.ceil(now) + 1)
 
+    async def write(key: str, value: float, until: float, now: float, *, once: bool) -> Any:
+        name = prefix + key
+        if not replicas:
+            return await client.set(name, repr(value), exat=expire_at(until, now), nx=once, get=once)
+        pipe = client.pipeline(transaction=False)  # one connection: WAIT counts the writes sent on it
+        pipe.set(name, repr(value), exat=expire_at(until, now), nx=once, get=once)
+        if kind != "cluster":
+            pipe.execute_command("WAIT", replicas, wait_ms)
+            previous, confirmed = await pipe.execute()
+        else:  # WAIT to the node that owns the key; a redirected SET would be resent apart from it: refused
+            await client.initialize()  # a no-op once the slots are known
+            pipe.execute_command("WAIT", replicas, wait_ms, target_nodes=client.get_node_from_key(name))
+            previous, confirmed = await pipe.execute(allow_redirections=False)
+        if not isinstance(confirmed, int) or confirmed < replicas:
+            raise StoreNotDurableError(
+                f"{confirmed} of {replicas} replicas confirmed a write within {waited:g} s"
+            )
+        return previous
+
     async def put(key: str, value: float, until: float, now: float) -> None:
-        await client.set(prefix + key, repr(value), exat=expire_at(until, now))
+        await write(key, value, until, now, once=False)
 
     async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
         values = await client.mget([prefix + key for key in keys])
         return [None if value is None else float(value) for value in values]
 
     async def consume(key: str, value: float, until: float, now: float) -> float | None:
-        previous = await client.set(prefix + key, repr(value), exat=expire_at(until, now), nx=True, get=True)
+        previous = await write(key, value, until, now, once=True)
         return None if previous is None else float(previous)
 
     def info() -> dict[str, Any]:
-        return {"kind": "redis", "prefix": prefix}
+        return {"kind": "redis", "prefix": prefix, "client": kind, "replicas": replicas}
 
     return RevocationStore(put, get_many, consume, info)
 

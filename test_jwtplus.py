@@ -53,7 +53,7 @@ import aiohttp
 import jwt
 import pytest
 import yarl
-from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, web
+from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
@@ -6051,7 +6051,7 @@ async def test_revocation_is_checked_after_the_signature_and_keyed_by_jti() -> N
     claims = sessions.manager.decode(pair.access, now=NOW)
     await jwtplus.revoke_token(sessions, claims, now=NOW)
     assert await jwtplus._is_revoked(sessions, claims, NOW)
-    key = jwtplus._store_key(sessions, "revoked", claims["jti"])
+    key = jwtplus._store_key(sessions, jwtplus._slot_tag("user-1"), "revoked", claims["jti"])
     assert await sessions.store.get_many([key], claims["exp"]) == [None]  # expired
     other = sessions.manager.decode((await jwtplus.issue_tokens(sessions, "user-1", now=NOW)).access, now=NOW)
     assert not await jwtplus._is_revoked(sessions, other, NOW)
@@ -6192,7 +6192,7 @@ async def test_revocations_and_used_refresh_tokens_outlive_the_leeway() -> None:
     refresh = sessions.manager.decode(pair.refresh, now=NOW)
     assert (
         await sessions.store.consume(
-            jwtplus._store_key(sessions, "used", refresh["jti"]),
+            jwtplus._store_key(sessions, jwtplus._slot_tag("u"), "used", refresh["jti"]),
             NOW,
             jwtplus._outlives(sessions, refresh["exp"]),
             NOW,
@@ -6200,7 +6200,7 @@ async def test_revocations_and_used_refresh_tokens_outlive_the_leeway() -> None:
         is None
     )
     used = await sessions.store.get_many(
-        [jwtplus._store_key(sessions, "used", refresh["jti"])], refresh["exp"] + 29
+        [jwtplus._store_key(sessions, jwtplus._slot_tag("u"), "used", refresh["jti"])], refresh["exp"] + 29
     )
     assert used == [NOW]
 
@@ -6512,6 +6512,74 @@ async def test_revocation_keys_of_absent_or_odd_claims_never_collide(make_client
     assert len(set(keys)) == 3
 
 
+def cluster_slot(key: str) -> int:
+    """The Redis Cluster slot of *key* (redis-py's CRC16 of its hash tag, as the servers compute it)."""
+    from redis.crc import key_slot
+
+    return int(key_slot(("jwtplus:" + key).encode("utf-8", "surrogatepass")))
+
+
+def recording_store(seen: list[tuple[str, str]]) -> jwtplus.RevocationStore:
+    """A memory store that notes each key it is asked about: ("get" | "put" | "consume", key)."""
+    inner = jwtplus.memory_store()
+
+    async def put(key: str, value: float, until: float, now: float) -> None:
+        seen.append(("put", key))
+        await inner.put(key, value, until, now)
+
+    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+        seen.extend(("get", key) for key in keys)
+        return await inner.get_many(keys, now)
+
+    async def consume(key: str, value: float, until: float, now: float) -> float | None:
+        seen.append(("consume", key))
+        return await inner.consume(key, value, until, now)
+
+    return jwtplus.RevocationStore(put, get_many, consume)
+
+
+@pytest.mark.parametrize("subject", ["ann", "{ann}", "}{", "a}b{c", "{}", "ünïcode ☃", "x" * 300])
+async def test_every_key_of_a_subjects_sessions_lies_in_one_redis_cluster_slot(
+    make_client: Any, subject: str
+) -> None:
+    """Login, checks, refresh, reuse, logout and "everywhere": a cluster serves each from one node."""
+    pytest.importorskip("redis.crc", reason="needs redis-py (the test extra)")
+    seen: list[tuple[str, str]] = []
+    client, sessions, _ = await session_client(make_client, store=recording_store(seen))
+    login = await (await client.post("/login", json={"sub": subject, "claims": {"username": "x"}})).json()
+    assert (await client.get("/me", headers=bearer(login["access"]))).status == 200
+    renewed = await client.post("/refresh", json={"refresh_token": login["refresh"]})
+    assert renewed.status == 200
+    pair = await renewed.json()
+    assert (await client.post("/refresh", json={"refresh_token": login["refresh"]})).status == 401  # reuse
+    second = await (await client.post("/login", json={"sub": subject, "claims": {"username": "x"}})).json()
+    assert (await client.post("/logout", headers=bearer(second["access"]))).status == 200
+    everywhere = await client.post("/logout", headers=bearer(pair["access"]), json={"everywhere": True})
+    assert everywhere.status == 200
+    claims = sessions.manager.decode(second["access"])
+    await jwtplus.revoke_token(sessions, claims)
+    await jwtplus.revoke_family(sessions, claims["fam"])  # by the family id alone: it names the slot
+    await jwtplus.revoke_subject(sessions, subject)
+    assert {operation for operation, _ in seen} == {"get", "put", "consume"}
+    assert len({cluster_slot(key) for _, key in seen}) == 1, seen
+    assert all(f"{{{jwtplus._slot_tag(subject)}}}" in key for _, key in seen)
+    assert re.fullmatch(r"[0-9a-f]{8}\.[A-Za-z0-9_-]{22}", claims["fam"])
+    assert claims["fam"].startswith(jwtplus._slot_tag(subject) + ".")
+
+
+@given(st.text(min_size=1), st.text(min_size=1), st.text(min_size=1))
+def test_the_revocation_keys_of_any_token_share_one_slot(sub: str, fam: str, jti: str) -> None:
+    pytest.importorskip("redis.crc", reason="needs redis-py (the test extra)")
+    sessions = SLOT_SESSIONS
+    for claims in ({"sub": sub, "fam": fam, "jti": jti}, {"fam": fam, "jti": jti}, {"jti": jti}):
+        keys = jwtplus._revocation_keys(sessions, claims)
+        assert len(keys) == len(claims)
+        assert len({cluster_slot(key) for key in keys}) == 1, keys
+
+
+SLOT_SESSIONS = sessions_for(namespace="app:")
+
+
 async def test_a_whitelisted_path_without_a_token_never_touches_the_store(make_client: Any) -> None:
     touched: list[str] = []
     inner = jwtplus.memory_store()
@@ -6523,7 +6591,7 @@ async def test_a_whitelisted_path_without_a_token_never_touches_the_store(make_c
     store = jwtplus.RevocationStore(inner.put, get_many, inner.consume)
     client, sessions, _ = await session_client(make_client, store=store)
     assert (await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})).status == 200
-    assert touched == [jwtplus._store_key(sessions, "subject", "ann")]  # the login's read, no check
+    assert touched == [jwtplus._store_key(sessions, jwtplus._slot_tag("ann"), "subject", "ann")]  # no check
 
 
 async def test_a_token_with_nothing_to_look_up_never_touches_the_store(make_client: Any) -> None:
@@ -6544,7 +6612,7 @@ async def test_a_token_with_nothing_to_look_up_never_touches_the_store(make_clie
         {"username": "u", "jti": "j1", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
     )
     assert (await client.get("/me", headers=bearer(with_jti))).status == 200
-    assert touched == [[jwtplus._store_key(sessions, "revoked", "j1")]]
+    assert touched == [[jwtplus._store_key(sessions, jwtplus._slot_tag("j1"), "revoked", "j1")]]
     with pytest.raises(TypeError, match="cookies must be a CookiePolicy"):
         jwtplus.csrf_check("__Host-csrf_token")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="sessions must be a Sessions"):
@@ -6581,7 +6649,9 @@ async def test_revoking_a_family_or_subject_lasts_exactly_as_long_as_their_token
             await jwtplus.revoke_family(sessions, bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="non-empty string"):
             await jwtplus.revoke_subject(sessions, bad)  # type: ignore[arg-type]
-    await jwtplus.revoke_family(sessions, "f-now")  # the real clock, when no now is given
+    with pytest.raises(ValueError, match=r"family='f-now' was not minted by jwtplus 1\.1 .* pass subject="):
+        await jwtplus.revoke_family(sessions, "f-now")  # no slot of its own: which subject's is it?
+    await jwtplus.revoke_family(sessions, "f-now", subject="other")  # the real clock, when no now is given
     await jwtplus.revoke_subject(sessions, "s-now")
     live = {"fam": "f-now", "sub": "other", "iat": time.time() - 1}
     assert await check(request, live, time.time()) == "invalid"  # type: ignore[misc]
@@ -6727,14 +6797,18 @@ async def test_apps_with_different_secrets_on_one_store_never_revoke_each_other(
     assert app_a.namespace != app_b.namespace
     assert app_a.namespace == sessions_for(manager=manager()).namespace
     assert (app_a.namespace or "")[:-1].encode() not in SECRET
-    legacy = sessions_for(namespace="")  # 1.0's layout, to keep a 1.0 store's entries
-    assert jwtplus._revocation_keys(legacy, {"jti": "j", "fam": "f", "sub": "s"}) == [
-        "revoked:j",
-        "family:f",
-        "subject:s",
+    bare = sessions_for(namespace="")  # no namespace; the slot tag stays
+    tag = jwtplus._slot_tag("s")
+    assert jwtplus._revocation_keys(bare, {"jti": "j", "fam": "f", "sub": "s"}) == [
+        f"{{{tag}}}revoked:j",
+        f"{{{tag}}}family:f",
+        f"{{{tag}}}subject:s",
     ]
     with pytest.raises(TypeError, match="namespace=7 must be a string or None"):
         sessions_for(namespace=7)
+    for braced in ("{app}:", "app}", "{"):
+        with pytest.raises(ValueError, match=r"namespace=.* must not contain braces: jwtplus puts each"):
+            sessions_for(namespace=braced)
 
 
 def refresh_request(token: str) -> web.Request:
@@ -9159,6 +9233,7 @@ README_RUN_BY = {  # every runnable Python block of the README, by section, and 
     "Verify tokens from your identity provider": ["test_readme_identity_provider_snippet_runs_as_pasted"],
     "WebSockets": ["test_readme_websocket_snippet_runs_as_pasted"],
     "Testing your app": ["test_readme_testing_snippets_run_as_pasted"],
+    "Running on many servers": ["test_readme_running_on_many_servers_snippet_runs_as_pasted"],
 }
 
 
@@ -10910,6 +10985,8 @@ class RedisServer:
 
     port: int
     directory: Path
+    args: tuple[str, ...] = ()
+    """More redis-server options, e.g. ``("--replicaof", "127.0.0.1", "6379")``."""
     proc: asyncio.subprocess.Process | None = None
     paused: bool = False
     starts: int = 0
@@ -10943,6 +11020,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *self.args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -11028,7 +11106,9 @@ import os
 
 import redis.asyncio
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 import jwtplus
@@ -11037,7 +11117,11 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--host", default="127.0.0.1")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--name", required=True)
-parser.add_argument("--redis-url", required=True)
+where = parser.add_mutually_exclusive_group(required=True)
+where.add_argument("--redis-url")
+where.add_argument("--cluster", help="HOST:PORT of one node of a Redis Cluster")
+where.add_argument("--sentinel", help="HOST:PORT of a Sentinel that monitors the primary 'jwtplus'")
+parser.add_argument("--replicas", type=int, help="redis_store(replicas=...); its default if left out")
 parser.add_argument("--fail-mode", choices=("closed", "open"), required=True)
 parser.add_argument("--socket-timeout", type=float, required=True)
 args = parser.parse_args()
@@ -11047,15 +11131,24 @@ logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(mes
 
 
 async def make_app() -> web.Application:
-    client = redis.asyncio.Redis.from_url(
-        args.redis_url,
-        socket_timeout=args.socket_timeout,
-        socket_connect_timeout=args.socket_timeout,
-        retry=Retry(NoBackoff(), 0),  # one attempt: a request waits one timeout, not several
-    )
+    bounded = {
+        "socket_timeout": args.socket_timeout,
+        "socket_connect_timeout": args.socket_timeout,
+        "retry": Retry(NoBackoff(), 0),  # one attempt: a request waits one timeout, not several
+    }
+    if args.cluster:
+        host, _, port = args.cluster.rpartition(":")
+        client = RedisCluster(host=host, port=int(port), **bounded)
+    elif args.sentinel:
+        host, _, port = args.sentinel.rpartition(":")
+        timeouts = {name: bounded[name] for name in ("socket_timeout", "socket_connect_timeout")}
+        client = Sentinel([(host, int(port))], sentinel_kwargs=timeouts).master_for("jwtplus", **bounded)
+    else:
+        client = redis.asyncio.Redis.from_url(args.redis_url, **bounded)
+    durable = {} if args.replicas is None else {"replicas": args.replicas}
     sessions = jwtplus.Sessions(
         manager=jwtplus.SecretManager(secret=os.environ["JWTPLUS_TEST_SECRET"]),
-        store=jwtplus.redis_store(client),
+        store=jwtplus.redis_store(client, replica_timeout=args.socket_timeout / 2, **durable),
         fail_open=args.fail_mode == "open",
     )
     helper = jwtplus.JWTHelper(sessions=sessions, whitelist=("/login", "/refresh"))
@@ -11077,6 +11170,11 @@ async def make_app() -> web.Application:
     @routes.post("/logout")
     async def logout(request: web.Request) -> web.Response:
         await jwtplus.end_session(request, sessions)
+        return web.json_response({"ok": True})
+
+    @routes.post("/logout-everywhere")
+    async def logout_everywhere(request: web.Request) -> web.Response:
+        await jwtplus.end_session(request, sessions, everywhere=True)
         return web.json_response({"ok": True})
 
     @routes.get("/me")
@@ -11150,20 +11248,16 @@ StartSessionServers = Callable[..., Awaitable[tuple[SessionServer, SessionServer
 
 
 @pytest.fixture
-async def session_servers(
-    spawn: Spawn,
-    redis_server: RedisServer,
-    tmp_path: Path,
-) -> AsyncIterator[StartSessionServers]:
-    """Start servers A and B on one secret and one Redis: ``await session_servers(fail_mode=...)``."""
+async def session_servers(spawn: Spawn, tmp_path: Path) -> AsyncIterator[StartSessionServers]:
+    """Start servers A and B on one secret and one Redis:
+    ``await session_servers("--redis-url", url, fail_mode=...)``, or ``"--cluster", "host:port"``."""
     script = tmp_path / "session_server.py"
     script.write_text(SESSION_SERVER)
     secret = secrets.token_urlsafe(32)  # 43 bytes: long enough for HS256
     async with ClientSession(timeout=HTTP_TIMEOUT, cookie_jar=DummyCookieJar()) as http:
 
-        async def start(fail_mode: str = "closed") -> tuple[SessionServer, SessionServer]:
-            args = ("--redis-url", redis_server.url, "--fail-mode", fail_mode)
-            args += ("--socket-timeout", str(REDIS_SOCKET_TIMEOUT))
+        async def start(*redis: str, fail_mode: str = "closed") -> tuple[SessionServer, SessionServer]:
+            args = (*redis, "--fail-mode", fail_mode, "--socket-timeout", str(REDIS_SOCKET_TIMEOUT))
             servers = await asyncio.gather(
                 *(
                     spawn(name, script, "--name", name, *args, env={"JWTPLUS_TEST_SECRET": secret})
@@ -11231,9 +11325,9 @@ def warnings_of(records: list[tuple[str, str, str]]) -> list[str]:
 
 
 async def test_redis_logout_on_one_server_is_refused_on_the_other_at_once(
-    session_servers: StartSessionServers,
+    session_servers: StartSessionServers, redis_server: RedisServer
 ) -> None:
-    a, b = await session_servers()
+    a, b = await session_servers("--redis-url", redis_server.url)
     phone, laptop = await a.login("ann"), await b.login("ann")
     for server in (a, b):
         for pair in (phone, laptop):
@@ -11262,9 +11356,9 @@ async def test_redis_logout_on_one_server_is_refused_on_the_other_at_once(
 
 
 async def test_redis_a_replayed_refresh_token_kills_the_family_on_both_servers(
-    session_servers: StartSessionServers,
+    session_servers: StartSessionServers, redis_server: RedisServer
 ) -> None:
-    a, b = await session_servers()
+    a, b = await session_servers("--redis-url", redis_server.url)
     first = await a.login("ann")
     rotated = await b.refresh(first["refresh"])  # the rightful client rotates on B
     assert rotated.status == 200
@@ -11332,9 +11426,9 @@ async def raw_refresh_requests(servers: Sequence[SessionServer], refresh_token: 
 
 
 async def test_redis_fifty_concurrent_refreshes_over_two_servers_give_exactly_one_pair(
-    session_servers: StartSessionServers,
+    session_servers: StartSessionServers, redis_server: RedisServer
 ) -> None:
-    a, b = await session_servers()
+    a, b = await session_servers("--redis-url", redis_server.url)
     first = await a.login("ann")
     answers = await raw_refresh_requests((a, b) * 25, first["refresh"])
     assert sorted(answer.status for answer in answers) == [200] + [401] * 49, answers
@@ -11384,7 +11478,7 @@ async def at_once(**calls: Awaitable[Answer]) -> dict[str, Answer]:
 async def test_redis_down_fails_closed_with_503_and_recovers(
     session_servers: StartSessionServers, redis_server: RedisServer, outage: str
 ) -> None:
-    a, b = await session_servers(fail_mode="closed")
+    a, b = await session_servers("--redis-url", redis_server.url, fail_mode="closed")
     revoked, alive = await a.login("ann"), await b.login("bob")
     assert (await b.logout(revoked["access"])).status == 200
     assert (await a.me(revoked["access"])).status == 401
@@ -11434,7 +11528,7 @@ async def test_redis_down_fails_closed_with_503_and_recovers(
 async def test_redis_down_fails_open_when_told_and_recovers(
     session_servers: StartSessionServers, redis_server: RedisServer, outage: str
 ) -> None:
-    a, b = await session_servers(fail_mode="open")
+    a, b = await session_servers("--redis-url", redis_server.url, fail_mode="open")
     revoked, alive, leaving = await a.login("ann"), await b.login("bob"), await a.login("dan")
     assert (await b.logout(revoked["access"])).status == 200
     assert (await a.me(revoked["access"])).status == 401
@@ -11495,14 +11589,139 @@ def test_redis_store_refuses_a_client_that_could_stall_requests() -> None:
     class Fake:  # a client of another kind (a test double, a proxy): its timeouts are its own business
         async def set(self, *args: Any, **kwargs: Any) -> None: ...
 
-    assert repr(jwtplus.redis_store(Fake())) == "RevocationStore(kind='redis', prefix='jwtplus:')"
+    assert repr(jwtplus.redis_store(Fake())) == (
+        "RevocationStore(kind='redis', prefix='jwtplus:', client='server', replicas=0)"
+    )
     for client in (
         redis_asyncio.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1),
         redis_asyncio.Redis(
             host="127.0.0.1", socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
         ),
     ):
-        assert repr(jwtplus.redis_store(client)) == "RevocationStore(kind='redis', prefix='jwtplus:')"
+        assert repr(jwtplus.redis_store(client)) == (
+            "RevocationStore(kind='redis', prefix='jwtplus:', client='server', replicas=0)"
+        )
+
+
+def test_redis_store_knows_cluster_and_sentinel_clients_and_waits_for_a_replica_with_them() -> None:
+    redis_asyncio = pytest.importorskip("redis.asyncio", reason="needs redis-py (the test extra)")
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.asyncio.sentinel import Sentinel
+    from redis.backoff import NoBackoff
+
+    bounded = {"socket_timeout": 1, "socket_connect_timeout": 1}
+    cluster = RedisCluster(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0), **bounded)
+    sentinel = Sentinel([("127.0.0.1", 1)], **bounded).master_for("m", retry=Retry(NoBackoff(), 0), **bounded)
+    server = redis_asyncio.Redis(port=1, retry=Retry(NoBackoff(), 0), **bounded)
+    assert [jwtplus.redis_store(c).info() for c in (cluster, sentinel, server)] == [  # type: ignore[misc]
+        {"kind": "redis", "prefix": "jwtplus:", "client": kind, "replicas": replicas}
+        for kind, replicas in (("cluster", 1), ("sentinel", 1), ("server", 0))
+    ]
+    assert jwtplus.redis_store(server, replicas=2).info()["replicas"] == 2  # type: ignore[misc]
+    assert jwtplus.redis_store(cluster, replicas=0).info()["replicas"] == 0  # type: ignore[misc]
+    refused = [
+        (lambda: jwtplus.redis_store(RedisCluster(host="127.0.0.1", port=1)), "retry makes 10 more attempts"),
+        (
+            lambda: jwtplus.redis_store(
+                RedisCluster(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 1), **bounded)
+            ),
+            "retry makes 1 more attempts",
+        ),
+        (lambda: jwtplus.redis_store(server, replicas=1, replica_timeout=1), "ends before a WAIT"),
+        (lambda: jwtplus.redis_store(server, replicas=-1), "replicas=-1 must be an int from 0 to 16"),
+        (lambda: jwtplus.redis_store(server, replicas=True), "replicas=True must be an int"),
+        (lambda: jwtplus.redis_store(server, replica_timeout=0), "replica_timeout=0 must be more than 0"),
+        (lambda: jwtplus.redis_store(server, replica_timeout="9s"), "at most 5 seconds"),
+        (lambda: jwtplus.redis_store(server, prefix="{app}:"), "prefix='{app}:' must be a string without"),
+    ]
+    for build, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build()
+    jwtplus.redis_store(server, replica_timeout=1)  # no replica to wait for: the timeout is moot
+
+
+@pytest.fixture
+async def redis_replica(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A replica of *redis_server*, once it acknowledges the primary's writes."""
+    import redis.asyncio
+
+    directory = tmp_path / "replica"
+    directory.mkdir()
+    replica = RedisServer(free_port(), directory, ("--replicaof", "127.0.0.1", str(redis_server.port)))
+    try:
+        async with redis.asyncio.Redis(port=redis_server.port) as client:
+            await client.config_set("repl-diskless-sync-delay", 0)  # no 5 s wait before the first sync
+        await replica.start()
+        await redis_ready(
+            "the replica did not acknowledge a write",
+            functools.partial(replica_acknowledges, redis_server.port),
+            replica.log,
+        )
+        yield replica
+    finally:
+        if replica.proc is not None and replica.proc.returncode is None:
+            replica.proc.kill()
+            await replica.proc.wait()
+        print(replica.log())
+
+
+async def test_redis_store_acknowledges_a_logout_only_once_a_replica_holds_it(
+    redis_server: RedisServer, redis_replica: RedisServer, make_client: Any
+) -> None:
+    """With replicas=1 a write answers after WAIT: while the replica hangs, logout and refresh are 503
+    (after replica_timeout), though the primary made the write: fail closed both ways."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    def connect(port: int) -> Any:
+        return redis.asyncio.Redis(
+            port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
+
+    primary, replica = connect(redis_server.port), connect(redis_replica.port)
+    store = jwtplus.redis_store(primary, replicas=1, replica_timeout=0.3)
+    client, sessions, _ = await session_client(make_client, store=store)
+
+    async def login() -> dict[str, str]:
+        answer = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
+        assert answer.status == 200
+        return dict(await answer.json())
+
+    try:
+        kept = await login()
+        assert (await client.post("/logout", headers=bearer(kept["access"]))).status == 200
+        claims = sessions.manager.decode(kept["access"])
+        (family_key,) = [key for key in jwtplus._revocation_keys(sessions, claims) if "}family:" in key]
+        assert await replica.get("jwtplus:" + family_key) is not None  # on the replica when answered
+        held = await login()
+        redis_replica.pause()
+        started = time.monotonic()
+        for answer in (
+            await client.post("/refresh", json={"refresh_token": held["refresh"]}),
+            await client.post("/logout", headers=bearer(held["access"])),
+        ):
+            assert (answer.status, await answer.json()) == (503, UNAVAILABLE), answer.url
+        assert 0.6 <= time.monotonic() - started < 2.5  # two WAITs of 0.3 s, no socket timeout
+        # the writes were made on the primary, only unconfirmed: the logout holds there already
+        assert (await client.get("/me", headers=bearer(held["access"]))).status == 401
+        during = await login()  # a login only reads
+        assert (await client.get("/me", headers=bearer(during["access"]))).status == 200
+        redis_replica.resume()
+        refreshed = await client.post("/refresh", json={"refresh_token": held["refresh"]})
+        assert refreshed.status == 401  # its one use was written before the WAIT failed: a reuse now
+        assert (await client.get("/me", headers=bearer(kept["access"]))).status == 401
+        unwaited = jwtplus.redis_store(primary, replicas=0)
+        redis_replica.pause()
+        started = time.monotonic()
+        await unwaited.put("unreplicated", 1.0, time.time() + 60, time.time())
+        assert time.monotonic() - started < 0.2  # replicas=0 answers at once, replicated or not
+    finally:
+        if redis_replica.paused:
+            redis_replica.resume()
+        await primary.aclose()
+        await replica.aclose()
 
 
 async def test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_redis_hangs(
@@ -11539,3 +11758,863 @@ async def test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_re
         assert (await client.get("/me", headers=bearer(token))).status == 200
     await readme["client"].aclose()
     await built.aclose()
+
+
+# -- Redis Cluster and Sentinel: the store where the primary can change under it --
+#
+# A cluster is six redis-servers of the fixture above, three masters each with a replica,
+# joined with redis-cli --cluster create; a Sentinel setup is a primary, its replica and
+# one redis-sentinel. Both fail over for real: CLUSTER FAILOVER, or SIGKILL and a promotion.
+
+REDIS_CLI = shutil.which("redis-cli")
+REDIS_SENTINEL = shutil.which("redis-sentinel")
+CLUSTER_SKIP = (
+    "needs redis-server and redis-cli on PATH (.ci/run installs them with apt-get install redis-server)"
+)
+SENTINEL_SKIP = "needs redis-sentinel on PATH (.ci/run installs it with apt-get install redis-sentinel)"
+SENTINEL_MASTER = "jwtplus"  # the name the Sentinel monitors the primary by
+
+
+async def redis_command(port: int, *args: Any) -> Any:
+    """One command to the redis-server on *port*, on a connection of its own (1 s timeouts)."""
+    import redis.asyncio
+
+    async with redis.asyncio.Redis(
+        port=port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True
+    ) as client:
+        return await client.execute_command(*args)
+
+
+async def redis_ready(what: str, ready: Callable[[], Awaitable[bool]], logs: Callable[[], str]) -> None:
+    """Poll *ready* until it is true; fail after START_TIMEOUT with *what* and the servers' logs."""
+    import redis.exceptions
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        with contextlib.suppress(OSError, asyncio.TimeoutError, redis.exceptions.RedisError):
+            if await ready():
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {START_TIMEOUT}s\n{logs()}")
+        await asyncio.sleep(0.05)
+
+
+async def replica_acknowledges(primary: int, key: str = "probe") -> bool:
+    """Whether a replica of *primary* acknowledges a write of *key* now: its link being up is not yet
+    enough."""
+    import redis.asyncio
+
+    async with redis.asyncio.Redis(port=primary, socket_timeout=1, socket_connect_timeout=1) as client:
+        pipe = client.pipeline(transaction=False)  # one connection: WAIT counts the write made on it
+        pipe.set(key, "1", ex=60)
+        pipe.execute_command("WAIT", 1, 200)
+        _, confirmed = await pipe.execute()
+        return int(confirmed) >= 1
+
+
+async def own_key(master: int) -> str:
+    """A key in a slot of the cluster master on *master*, which it takes without a redirect."""
+    from redis.crc import key_slot
+
+    (myself,) = [
+        line for line in (await redis_command(master, "CLUSTER", "NODES")).splitlines() if "myself" in line
+    ]
+    first, _, last = myself.split()[8].partition("-")  # the first of its slot ranges
+    return next(
+        key
+        for n in itertools.count()
+        if int(first) <= key_slot((key := f"probe-{n}").encode()) <= int(last or first)
+    )
+
+
+@dataclass
+class RedisClusterServers:
+    """A Redis Cluster of real redis-servers on loopback: three masters, each with one replica."""
+
+    servers: list[RedisServer]
+
+    @property
+    def ports(self) -> list[int]:
+        return [server.port for server in self.servers]
+
+    def alive(self) -> list[RedisServer]:
+        return [s for s in self.servers if s.proc is not None and s.proc.returncode is None]
+
+    def log(self) -> str:
+        return "".join(server.log() for server in self.servers)
+
+    async def roles(self) -> dict[int, int | None]:
+        """Each live server's primary: None for a master, else the port of the master it replicates."""
+        roles = {}
+        for server in self.alive():
+            role = await redis_command(server.port, "ROLE")
+            roles[server.port] = None if role[0] == "master" else int(role[2])
+        return roles
+
+    async def healthy(self) -> bool:
+        """Every live server sees the cluster ok, and every master has a replica that acknowledges."""
+        for server in self.alive():
+            if "cluster_state:ok" not in await redis_command(server.port, "CLUSTER", "INFO"):
+                return False
+        masters = [port for port, primary in (await self.roles()).items() if primary is None]
+        return len(masters) == 3 and all(
+            [await replica_acknowledges(port, await own_key(port)) for port in masters]
+        )
+
+    async def wait_healthy(self, what: str) -> None:
+        await redis_ready(what, self.healthy, self.log)
+
+    async def failover(self, replica: int) -> None:
+        """CLUSTER FAILOVER on *replica*: it and its master trade places, no write is lost."""
+        assert await redis_command(replica, "CLUSTER", "FAILOVER") == "OK"
+
+        async def promoted() -> bool:
+            return (await self.roles())[replica] is None and await self.healthy()
+
+        await redis_ready(f"{replica} was not promoted by CLUSTER FAILOVER", promoted, self.log)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the server on *port*: its replica takes over after the node timeout."""
+        (server,) = [server for server in self.servers if server.port == port]
+        assert server.proc is not None
+        server.proc.kill()
+
+    async def wait_promoted(self, replica: int) -> None:
+        async def promoted() -> bool:
+            if (await self.roles())[replica] is not None:
+                return False
+            return all(
+                ["cluster_state:ok" in await redis_command(s.port, "CLUSTER", "INFO") for s in self.alive()]
+            )
+
+        await redis_ready(f"{replica} did not take over its killed master", promoted, self.log)
+
+
+def cluster_port() -> int:
+    """A free port for a cluster node: its bus listens 10000 above it, so it must be 55535 or less."""
+    while True:
+        port = free_port()
+        if port <= 55535:
+            with socket.socket() as bus, contextlib.suppress(OSError):
+                bus.bind(("127.0.0.1", port + 10000))
+                return port
+
+
+@pytest.fixture
+async def redis_cluster(tmp_path: Path) -> AsyncIterator[RedisClusterServers]:
+    """A 3-master Redis Cluster with a replica for each master, ready: slots covered, replicas in sync."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.skip(CLUSTER_SKIP)
+    pytest.importorskip("redis.asyncio", reason="needs redis-py (pip install 'aiohttp-jwtplus[test]')")
+    node = (
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "1000",
+    )
+    sync = ("--repl-diskless-sync-delay", "0")  # a replica's first sync at once, not after 5 s
+    cluster = RedisClusterServers([])
+    for n in range(6):
+        directory = tmp_path / f"cluster-{n}"
+        directory.mkdir()
+        cluster.servers.append(RedisServer(cluster_port(), directory, (*node, *sync)))
+    try:
+        await asyncio.gather(*(server.start() for server in cluster.servers))
+        create = await asyncio.create_subprocess_exec(
+            REDIS_CLI,
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{port}" for port in cluster.ports),
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(create.communicate(), START_TIMEOUT)
+        assert create.returncode == 0, out.decode(errors="replace")
+        await cluster.wait_healthy("the cluster did not come up")
+        yield cluster
+    finally:
+        for server in cluster.alive():
+            assert server.proc is not None
+            server.proc.kill()
+            await server.proc.wait()
+        print(cluster.log())
+
+
+async def test_redis_cluster_two_servers_share_sessions_through_a_failover_and_a_killed_master(
+    session_servers: StartSessionServers, redis_cluster: RedisClusterServers
+) -> None:
+    """Every key of one request in one slot: the cluster serves login, refresh, reuse detection, logout,
+    logout everywhere and the refresh race; a failover and a killed master mid-run cost 503s only."""
+    a, b = await session_servers("--cluster", f"127.0.0.1:{redis_cluster.ports[0]}")
+    users = [f"user-{n}" for n in range(12)]  # over every master's slots
+    pairs = {user: await (a if n % 2 else b).login(user) for n, user in enumerate(users)}
+    for user in users:
+        rotated = await b.refresh(pairs[user]["refresh"])
+        assert rotated.status == 200, rotated
+        assert (await a.me(rotated.body["access"])).body == {"server": "A", "sub": user}
+        replay = await a.refresh(pairs[user]["refresh"])  # reuse: the family dies on both
+        assert (replay.status, replay.body) == (401, UNAUTHORIZED)
+        assert (await b.me(rotated.body["access"])).status == 401
+        pairs[user] = await a.login(user)
+    phone, laptop = await a.login("ann"), await b.login("ann")
+    assert (await b.logout(phone["access"])).status == 200
+    assert [(await s.me(phone["access"])).status for s in (a, b)] == [401, 401]
+    assert (await a.me(laptop["access"])).status == 200
+    assert (await a.call("POST", "/logout-everywhere", token=laptop["access"])).status == 200
+    assert [(await s.me(laptop["access"])).status for s in (a, b)] == [401, 401]
+    answers = await raw_refresh_requests((a, b) * 25, (await a.login("race"))["refresh"])
+    assert sorted(answer.status for answer in answers) == [200] + [401] * 49, answers
+
+    # Under load, fail over gracefully, then kill a master: each request's right answer is known.
+    revoked = {user: pairs[user] for user in users[:6]}
+    for n, user in enumerate(revoked):
+        assert (await (a, b)[n % 2].logout(revoked[user]["access"])).status == 200
+    alive = {user: pairs[user] for user in users[6:]}
+    got: Counter[tuple[str, int]] = Counter()
+    done = asyncio.Event()
+
+    async def load() -> None:
+        while not done.is_set():
+            for n, user in enumerate(users):
+                server = (a, b)[n % 2]
+                kind = "revoked" if user in revoked else "alive"
+                got[kind, (await server.me(pairs[user]["access"])).status] += 1
+            login = await a.call("POST", "/login", body={"sub": "during"})
+            got["login", login.status] += 1
+
+    loading = asyncio.create_task(load())
+    try:
+        roles = await redis_cluster.roles()
+        first, second = [port for port, primary in roles.items() if primary is not None][:2]
+        await redis_cluster.failover(first)
+        await asyncio.sleep(0.5)
+        redis_cluster.kill(roles[second])  # type: ignore[arg-type]
+        await redis_cluster.wait_promoted(second)
+        await asyncio.sleep(1)
+    finally:
+        done.set()
+        await loading
+    print(sorted(got.items()))
+    assert got["revoked", 200] == 0 and got["alive", 401] == 0, got
+    assert {status for _, status in got} <= {200, 401, 503}, got
+    assert got["alive", 200] > 0 and got["revoked", 401] > 0, got
+    # after the promotion every answer is right again, on both servers, for writes too
+    for user in users:
+        for server in (a, b):
+            status = (await server.me(pairs[user]["access"])).status
+            assert status == (401 if user in revoked else 200), (user, server.name, status)
+    # The promoted master has no replica: its writes cannot be made durable, so they are refused
+    # (the refresh token stays unused) until the killed server is back, as that master's replica.
+    first_try = {user: await b.refresh(alive[user]["refresh"]) for user in alive}
+    assert sorted({answer.status for answer in first_try.values()}) == [200, 503], first_try
+    (killed,) = [server for server in redis_cluster.servers if server.port == roles[second]]
+    await killed.start()  # its nodes.conf brings it back as a replica
+    await redis_cluster.wait_healthy("the killed master did not come back as a replica")
+    for user, answer in first_try.items():
+        if answer.status == 503:  # its one use was written, only unconfirmed: a retry is a reuse
+            assert (await a.refresh(alive[user]["refresh"])).status == 401
+            answer = await a.refresh((await b.login(user))["refresh"])
+        renewed = answer
+        assert renewed.status == 200, renewed
+        assert (await b.logout(renewed.body["access"])).status == 200
+        assert (await a.me(renewed.body["access"])).status == 401
+    records = await assert_clean_logs(a, b)
+    for name in ("A", "B"):
+        assert OPEN_LOG not in warnings_of(records[name])
+
+
+@pytest.fixture
+async def redis_sentinel(
+    redis_server: RedisServer, redis_replica: RedisServer, tmp_path: Path
+) -> AsyncIterator[RedisServer]:
+    """A redis-sentinel that monitors *redis_server* as SENTINEL_MASTER, once it knows the replica;
+    it fails over 0.5 s after the primary stops answering."""
+    if REDIS_SENTINEL is None:
+        pytest.skip(SENTINEL_SKIP)
+    directory = tmp_path / "sentinel"
+    directory.mkdir()
+    port = free_port()
+    config = directory / "sentinel.conf"  # a Sentinel rewrites its configuration file as it learns
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+        f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {redis_server.port} 1\n"
+        f"sentinel down-after-milliseconds {SENTINEL_MASTER} 500\n"
+        f"sentinel failover-timeout {SENTINEL_MASTER} 10000\n"
+    )
+    with (directory / "sentinel.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            REDIS_SENTINEL,
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    sentinel = RedisServer(port, directory, proc=proc)
+    sentinel.starts = 0  # its log is sentinel.log
+
+    def logs() -> str:
+        return (directory / "sentinel.log").read_text(errors="replace")
+
+    async def knows_the_replica() -> bool:
+        replicas = await redis_command(port, "SENTINEL", "REPLICAS", SENTINEL_MASTER)
+        return len(replicas) == 1 and "s_down" not in str(replicas)
+
+    try:
+        await redis_ready("the Sentinel did not find the replica", knows_the_replica, logs)
+        yield sentinel
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        print(logs())
+
+
+async def sentinel_primary(sentinel: RedisServer) -> int:
+    """The port of the primary that *sentinel* names now."""
+    _, port = await redis_command(sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER)
+    return int(port)
+
+
+async def test_redis_sentinel_failover_right_after_a_logout_keeps_it_and_the_used_refresh_token(
+    session_servers: StartSessionServers,
+    redis_server: RedisServer,
+    redis_replica: RedisServer,
+    redis_sentinel: RedisServer,
+) -> None:
+    """Sentinel clients wait for a replica by default: what was answered 200 survives the primary's
+    SIGKILL right after, and nothing during the promotion is a 200 for a revoked token or a 500."""
+    a, b = await session_servers("--sentinel", f"127.0.0.1:{redis_sentinel.port}")
+    first, bob, carol = await a.login("ann"), await b.login("bob"), await a.login("carol")
+    rotated = await b.refresh(first["refresh"])
+    assert rotated.status == 200
+    second = rotated.body
+    carols = await a.refresh(carol["refresh"])  # carol's first refresh token is used, not revoked
+    assert carols.status == 200
+    assert (await a.logout(second["access"])).status == 200
+    assert redis_server.proc is not None
+    redis_server.proc.kill()  # at once: the replica got the writes only because they were waited for
+
+    got: Counter[tuple[str, int]] = Counter()
+    started = time.monotonic()
+    settled = False
+    while not settled:  # until the Sentinel names the replica and a round of requests gets no 503
+        assert time.monotonic() - started < START_TIMEOUT, ("no recovery from the failover", got)
+        promoted = await sentinel_primary(redis_sentinel) == redis_replica.port
+        statuses = []
+        for server in (a, b):
+            statuses += [("revoked", (await server.me(second["access"])).status)]
+            statuses += [("alive", (await server.me(bob["access"])).status)]
+        got.update(statuses)
+        settled = promoted and all(status != 503 for _, status in statuses)
+        await asyncio.sleep(0.05)
+    print(f"recovered after {time.monotonic() - started:.2f} s", sorted(got.items()))
+    assert got["revoked", 200] == 0 and got["alive", 401] == 0, got
+    assert {status for _, status in got} <= {200, 401, 503}, got
+
+    for server in (a, b):  # on the promoted replica: the logout holds, and so does the used token
+        assert (await server.me(second["access"])).status == 401
+        assert (await server.me(bob["access"])).status == 200
+    replay = await a.refresh(first["refresh"])
+    assert (replay.status, replay.body) == (401, UNAUTHORIZED)
+    # the new primary has no replica yet: a write cannot be made durable, so it is refused
+    assert (await b.refresh(bob["refresh"])).status == 503
+    await redis_server.start()  # the old primary comes back, as a replica of the new one
+    await redis_command(redis_server.port, "REPLICAOF", "127.0.0.1", redis_replica.port)
+    await redis_ready(
+        "the old primary did not replicate the new one",
+        functools.partial(replica_acknowledges, redis_replica.port),
+        redis_server.log,
+    )
+    theft = await b.refresh(carol["refresh"])  # detected as a reuse: its use outlived the failover
+    assert (theft.status, theft.body) == (401, UNAUTHORIZED)
+    assert [(await server.me(carols.body["access"])).status for server in (a, b)] == [401, 401]
+    renewed = await a.refresh((await b.login("bob"))["refresh"])
+    assert renewed.status == 200, renewed
+    records = await assert_clean_logs(a, b)
+    assert "jwtplus: a refresh token was used twice; its family is revoked" in warnings_of(records["B"])
+
+
+async def test_readme_running_on_many_servers_snippet_runs_as_pasted(
+    redis_server: RedisServer,
+    redis_replica: RedisServer,
+    redis_sentinel: RedisServer,
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """Each of the section's three clients, on its real topology, revokes a family that all see."""
+    (snippet,) = readme_snippets("Running on many servers")
+    places = {
+        "redis://127.0.0.1:6379/0": redis_server.url,
+        "port=7000": f"port={redis_cluster.ports[0]}",
+        '("127.0.0.1", 26379)': f'("127.0.0.1", {redis_sentinel.port})',
+        '"mymaster"': repr(SENTINEL_MASTER),
+    }
+    for place, real in places.items():
+        assert place in snippet, place
+        snippet = snippet.replace(place, real)
+    lines = snippet.splitlines()
+    builds = [line for line in lines if line.startswith("client = ")]
+    kinds = []
+    for build in builds:
+        one = "\n".join(line for line in lines if line == build or not line.startswith("client = "))
+        readme = run_snippet(one, jwtplus=jwtplus, manager=manager())
+        sessions = readme["sessions"]
+        kinds.append(sessions.store.info())
+        try:
+            pair = await jwtplus.issue_tokens(sessions, "ann", {"username": "ann"})
+            claims = sessions.manager.decode(pair.access)
+            assert not await jwtplus._is_revoked(sessions, claims, time.time())
+            await jwtplus.revoke_family(sessions, claims["fam"])
+            assert await jwtplus._is_revoked(sessions, claims, time.time())
+        finally:
+            await readme["client"].aclose()
+            for sentinel in readme["sentinel"].sentinels:  # the Sentinel object's own connections
+                await sentinel.aclose()
+    assert [(info["client"], info["replicas"]) for info in kinds] == [
+        ("server", 0),
+        ("cluster", 1),
+        ("sentinel", 1),
+    ]
+
+
+# -- Many workers behind one port --
+#
+# Every request goes out on a connection of its own, so the kernel hands each to either process:
+# a token is minted by one and checked, refreshed or logged out by whichever answers next. The
+# access log names the process (its pid) and the request (the User-Agent carries its number), so
+# the test knows who minted every token and who judged it. The key rotates every ROTATION seconds,
+# and the tokens of the first half are used only once real time has crossed a boundary.
+
+ROTATION = 2  # seconds: short, so that real time crosses a rotation boundary within the run
+DEMO_PASSWORDS = {"jacky": "jwtplus-demo", "admin": "jwtplus-admin"}
+AGENT = "test_workers/"  # + the request's number: the access log's key to the request
+IN_FLIGHT = 16  # requests at once: enough that both processes are busy
+# aiohttp's format under gunicorn (%P is "<pid>"), and the demo's own default one under a [pid] prefix
+GUNICORN_LOG_FORMAT = '%P %s "%r" "%{User-Agent}i"'
+_GUNICORN_ACCESS = re.compile(rf'<(?P<pid>\d+)> (?P<status>\d{{3}}) "[^"]*" "{AGENT}(?P<number>\d+)"')
+_DEMO_ACCESS = re.compile(
+    rf'\[(?P<pid>\d+)\] \S+ \[[^]]*\] "[^"]*" (?P<status>\d{{3}}) \S+ "[^"]*" "{AGENT}(?P<number>\d+)"'
+)
+
+
+@dataclass
+class HeldPair:
+    """A login's cookies as a browser holds them (kept after a logout, as a thief would keep them)."""
+
+    username: str
+    jar: dict[str, str] = field(repr=False)
+    minted_by: int
+    """The number of the request whose answer set them (-1: minted by the test)."""
+
+    @property
+    def kid(self) -> int:
+        """The rotation period that signed the access token (-1: it names none)."""
+        return int(jwt.get_unverified_header(self.jar["__Host-access_token"]).get("kid", -1))
+
+
+class StoryCut(Exception):
+    """A login or refresh that had to answer 200 did not: the rest of its login's story cannot run."""
+
+
+@dataclass
+class Judged:
+    """One request of the run: what it had to get and what it got."""
+
+    number: int
+    what: str
+    login: int | None
+    """Which login (session) of the run it belongs to; None for an outsider's."""
+    carried: HeldPair | None = field(repr=False)
+    expected: int
+    status: int
+    period: int
+    """The rotation period just before it went out (the server's is the same or later)."""
+    right_body: bool
+    """A 200 of /api/me names the pair's user; anything else is right."""
+
+
+@dataclass
+class SpreadRun:
+    """The client side of the run: each request on a connection of its own, every one recorded."""
+
+    url: str
+    http: ClientSession
+    sent: list[Judged] = field(default_factory=list)
+    numbers: Iterator[int] = field(default_factory=itertools.count)
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(IN_FLIGHT))
+
+    async def send(
+        self,
+        what: str,
+        expected: int,
+        path: str,
+        carried: HeldPair | None = None,
+        *,
+        login: int | None,
+        body: Any = None,
+    ) -> tuple[Judged, dict[str, str]]:
+        """One request; a POST with cookies echoes the CSRF cookie as the page does. Returns the
+        record and the cookies after its answer."""
+        number = next(self.numbers)
+        headers = {"User-Agent": f"{AGENT}{number}"}
+        if carried is not None:
+            headers.update(as_cookie_header(carried.jar))
+        method = "GET" if path == "/api/me" else "POST"
+        if carried is not None and method == "POST":
+            headers["X-CSRF-Token"] = carried.jar["__Host-csrf_token"]
+        async with self.slots:
+            period = jwtplus.period_of(time.time(), ROTATION)
+            async with self.http.request(method, self.url + path, headers=headers, json=body) as reply:
+                answer = await reply.json(content_type=None) if reply.status == 200 else None
+                jar = cookies_of(reply, carried.jar if carried else None)
+        right = True
+        if path == "/api/me" and reply.status == 200:
+            assert carried is not None
+            right = isinstance(answer, dict) and answer.get("username") == carried.username
+        sent = Judged(number, what, login, carried, expected, reply.status, period, right)
+        self.sent.append(sent)
+        return sent, jar
+
+    async def log_in(self, login: int) -> HeldPair:
+        username = ("jacky", "admin")[login % 2]
+        body = {"username": username, "password": DEMO_PASSWORDS[username]}
+        sent, jar = await self.send("login", 200, "/api/login", login=login, body=body)
+        if sent.status != 200:
+            raise StoryCut
+        return HeldPair(username, jar, sent.number)
+
+    async def me(self, pair: HeldPair, expected: int, login: int, what: str = "me") -> None:
+        await self.send(what, expected, "/api/me", pair, login=login)
+
+    async def refresh(self, pair: HeldPair, login: int) -> HeldPair:
+        sent, jar = await self.send("refresh", 200, "/api/refresh", pair, login=login)
+        if sent.status != 200:
+            raise StoryCut
+        return HeldPair(pair.username, jar, sent.number)
+
+    async def refused_refresh(self, pair: HeldPair, login: int, what: str) -> None:
+        await self.send(what, 401, "/api/refresh", pair, login=login)
+
+    async def log_out(self, pair: HeldPair, login: int) -> None:
+        await self.send("logout", 200, "/api/logout", pair, login=login)
+
+
+# Each login's story in two halves: the first before a rotation boundary, the second after it,
+# with the tokens of the first. 40 x 15 + 30 x 9 + 15 x 7 + 5 x 5 = 1,000 requests.
+
+
+async def renewed_twice(run: SpreadRun, login: int) -> Callable[[], Awaitable[None]]:
+    first = await run.log_in(login)
+    await run.me(first, 200, login)
+    await run.me(first, 200, login)
+
+    async def after_the_boundary() -> None:
+        await run.me(first, 200, login, "me, a token of an earlier period")
+        second = await run.refresh(first, login)
+        await run.me(second, 200, login)
+        await run.me(first, 200, login, "me, the access token of a refreshed pair")
+        third = await run.refresh(second, login)
+        await run.me(third, 200, login)
+        await run.log_out(third, login)
+        for pair in (third, second, first):
+            await run.me(pair, 401, login, "me, logged out")
+        await run.refused_refresh(third, login, "refresh, logged out")
+        await run.me(third, 401, login, "me, logged out")
+
+    return after_the_boundary
+
+
+async def refresh_reused(run: SpreadRun, login: int) -> Callable[[], Awaitable[None]]:
+    first = await run.log_in(login)
+
+    async def after_the_boundary() -> None:
+        second = await run.refresh(first, login)
+        await run.me(second, 200, login)
+        await run.refused_refresh(first, login, "refresh, reused")
+        # Within the demo's reuse grace (10 s) the reuse leaves the family alive, after it the
+        # family is revoked: a logout makes what follows the same either way.
+        await run.log_out(second, login)
+        await run.me(second, 401, login, "me, logged out")
+        await run.me(first, 401, login, "me, logged out")
+        await run.refused_refresh(second, login, "refresh, logged out")
+        await run.refused_refresh(first, login, "refresh, reused and logged out")
+
+    return after_the_boundary
+
+
+async def logged_out_early(run: SpreadRun, login: int) -> Callable[[], Awaitable[None]]:
+    first = await run.log_in(login)
+    await run.me(first, 200, login)
+    await run.log_out(first, login)
+
+    async def after_the_boundary() -> None:
+        await run.me(first, 401, login, "me, logged out in an earlier period")
+        await run.me(first, 401, login, "me, logged out in an earlier period")
+        await run.refused_refresh(first, login, "refresh, logged out in an earlier period")
+        await run.me(first, 401, login, "me, logged out in an earlier period")
+
+    return after_the_boundary
+
+
+async def forged_pair(manager: jwtplus.SecretManager) -> HeldPair:
+    """The cookies of a login as *manager* would sign it: the demo's claims, not its secret."""
+    pair = await jwtplus.issue_tokens(
+        jwtplus.Sessions(manager=manager), "jacky", {"username": "jacky", "role": "user"}
+    )
+    jar = {"__Host-access_token": pair.access, "__Host-refresh_token": pair.refresh}
+    return HeldPair("jacky", {**jar, "__Host-csrf_token": pair.csrf}, -1)
+
+
+async def outsider(run: SpreadRun, secret: str) -> Callable[[], Awaitable[None]]:
+    other = await forged_pair(jwtplus.SecretManager(secrets.token_urlsafe(32), refresh_interval=ROTATION))
+    unrotated = await forged_pair(jwtplus.SecretManager(secret))  # signed with the secret itself: no kid
+
+    async def after_the_boundary() -> None:
+        await run.send("me, no token", 401, "/api/me", login=None)
+        await run.send("me, another secret", 401, "/api/me", other, login=None)
+        await run.send("refresh, another secret", 401, "/api/refresh", other, login=None)
+        await run.send("me, the secret without rotation", 401, "/api/me", unrotated, login=None)
+        wrong = {"username": "jacky", "password": "jwtplus-demo!"}
+        await run.send("login, wrong password", 401, "/api/login", login=None, body=wrong)
+
+    return after_the_boundary
+
+
+async def unless_cut(story: Awaitable[_T]) -> _T | None:
+    """What *story* returns, or None once it was cut short (its answers are in the run's record)."""
+    try:
+        return await story
+    except StoryCut:
+        return None
+
+
+async def run_against(url: str, secret: str) -> list[Judged]:
+    """The 1,000 requests: every first half at once, then (once the period of every token they got
+    is over) every second half at once."""
+    connector = TCPConnector(force_close=True)  # a connection per request: either process answers
+    async with ClientSession(timeout=HTTP_TIMEOUT, cookie_jar=DummyCookieJar(), connector=connector) as http:
+        run = SpreadRun(url, http)
+        stories = [renewed_twice] * 40 + [refresh_reused] * 30 + [logged_out_early] * 15
+        halves = await asyncio.gather(
+            *(unless_cut(story(run, login)) for login, story in enumerate(stories)),
+            *(outsider(run, secret) for _ in range(5)),
+        )
+        minted = [sent.carried.kid for sent in run.sent if sent.carried and sent.carried.minted_by >= 0]
+        last = max([*minted, jwtplus.period_of(time.time(), ROTATION)])
+        # sleeps only if the first halves took less than a period: the boundary is what is waited for
+        await asyncio.sleep(max(0.0, (last + 1) * ROTATION - time.time()))
+        await asyncio.gather(*(unless_cut(half()) for half in halves if half is not None))
+        return sorted(run.sent, key=lambda sent: sent.number)
+
+
+def answerers(logs: Sequence[str], access: re.Pattern[str]) -> dict[int, int]:
+    """The pid that answered each numbered request, from the access logs."""
+    found: dict[int, int] = {}
+    for log in logs:
+        for line in log.splitlines():
+            if entry := access.fullmatch(line):
+                assert int(entry["number"]) not in found, line
+                found[int(entry["number"])] = int(entry["pid"])
+    return found
+
+
+def check_run(sent: list[Judged], answered: dict[int, int], pids: set[int]) -> dict[str, Any]:
+    """Assert that every request got its answer, whichever process gave it, and that the run proves
+    what it is for; return the counts."""
+    false_accepts = [s for s in sent if s.expected != 200 and s.status == 200]
+    false_rejects = [s for s in sent if s.expected == 200 and s.status in (401, 403)]
+    wrong = [s for s in sent if s.status != s.expected or not s.right_body]
+    assert not wrong, (
+        f"{len(false_accepts)} false accepts, {len(false_rejects)} false rejects, {len(wrong)} wrong "
+        f"answers of {len(sent)}, the first: "
+        + "; ".join(f"#{s.number} {s.what}: {s.status} (not {s.expected})" for s in wrong[:8])
+    )
+    assert [s.number for s in sent] == list(range(1000))
+    assert set(answered) == set(range(1000)), sorted(set(range(1000)) ^ set(answered))[:20]
+    per_pid = Counter(answered.values())
+    assert set(per_pid) == pids, per_pid
+    assert min(per_pid.values()) >= 100, per_pid  # both take a real share, not a stray request
+
+    def minted_elsewhere(s: Judged) -> bool:
+        return (
+            s.carried is not None
+            and s.carried.minted_by >= 0
+            and answered[s.carried.minted_by] != answered[s.number]
+        )
+
+    accepted = [s for s in sent if s.expected == 200 and s.carried is not None]
+    crossed = {
+        pid: [s for s in accepted if answered[s.number] == pid and minted_elsewhere(s)] for pid in pids
+    }
+    assert all(crossed.values()), {pid: len(found) for pid, found in crossed.items()}
+    across_periods = {
+        pid: [s for s in found if s.carried and s.period > s.carried.kid] for pid, found in crossed.items()
+    }
+    assert all(across_periods.values())
+    assert len({s.period for s in sent}) >= 2
+    refreshed_elsewhere = [s for s in sent if s.what == "refresh" and minted_elsewhere(s)]
+    assert refreshed_elsewhere
+    logouts = {s.login: s for s in sent if s.what == "logout"}
+    refused_elsewhere = [
+        s
+        for s in sent
+        if s.expected == 401
+        and s.login in logouts
+        and s.number > logouts[s.login].number
+        and answered[s.number] != answered[logouts[s.login].number]
+    ]
+    assert refused_elsewhere
+    return {
+        "requests": len(sent),
+        "false accepts": len(false_accepts),
+        "false rejects": len(false_rejects),
+        "per pid": dict(per_pid),
+        "periods": sorted({s.period for s in sent}),
+        "200s for a token minted by the other process": {pid: len(found) for pid, found in crossed.items()},
+        "... of them in a later period than the token": {pid: len(v) for pid, v in across_periods.items()},
+        "refreshes of a pair minted by the other process": len(refreshed_elsewhere),
+        "refusals after a logout the other process answered": len(refused_elsewhere),
+    }
+
+
+def assert_clean(server: Server) -> None:
+    """No traceback, no error and no token in a server's output."""
+    output = server.stdout() + server.stderr()
+    assert "Traceback" not in output, server.logs()
+    assert "Error handling request" not in output, server.logs()
+    assert "eyJ" not in output, server.logs()  # a JWT's first characters
+
+
+StartCommand = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_command(tmp_path: Path) -> AsyncIterator[StartCommand]:
+    """Start ``command`` (a server on 127.0.0.1:*port*), its output in files; all stopped at teardown.
+    It returns once *ready* is in the server's output, or once the port accepts connections."""
+    started: list[Server] = []
+
+    async def start(
+        name: str, port: int, *command: str, env: dict[str, str], ready: str | None = None
+    ) -> Server:
+        stdout_path, stderr_path = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
+        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=subprocess_env(env),
+                cwd=ROOT,
+            )
+        server = Server(name, proc, f"http://127.0.0.1:{port}", stdout_path, stderr_path)
+        started.append(server)
+        if ready is None:
+            await wait_until_accepting(server, port)
+            return server
+        deadline = time.monotonic() + START_TIMEOUT
+        while ready not in server.stdout() + server.stderr():
+            if server.proc.returncode is not None or time.monotonic() > deadline:
+                pytest.fail(f"{name} did not print {ready!r} within {START_TIMEOUT}s\n{server.logs()}")
+            await asyncio.sleep(0.05)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
+        print(server.logs())  # shown by pytest when the test failed
+
+
+async def test_the_demo_under_gunicorn_with_two_workers_agrees_on_tokens_refreshes_and_logouts(
+    start_command: StartCommand, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    pytest.importorskip("gunicorn", reason="needs gunicorn (pip install 'aiohttp-jwtplus[test]')")
+    secret, port = secrets.token_urlsafe(32), free_port()
+    env = {
+        "JWTPLUS_SECRET": secret,
+        "JWTPLUS_REDIS_URL": redis_server.url,
+        "JWTPLUS_ROTATION": f"{ROTATION}s",
+        "XDG_RUNTIME_DIR": str(tmp_path),  # gunicorn 25.1+'s control socket: here, not in ~/.gunicorn
+    }
+    gunicorn = await start_command(
+        "gunicorn",
+        port,
+        sys.executable,
+        *WARNING_FLAGS,
+        "-m",
+        "gunicorn",
+        "spa_demo:gunicorn_app",
+        "--chdir",
+        str(EXAMPLES),
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--workers",
+        "2",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        GUNICORN_LOG_FORMAT,
+        "--graceful-timeout",
+        "5",
+        env=env,
+    )
+    sent = await run_against(gunicorn.url, secret)
+    assert await gunicorn.stop() == 0, gunicorn.logs()
+    workers = {int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", gunicorn.stderr())}
+    assert len(workers) == 2, gunicorn.logs()  # none died and was replaced
+    counts = check_run(sent, answerers([gunicorn.stdout()], _GUNICORN_ACCESS), workers)
+    assert_clean(gunicorn)
+    print(counts)
+
+
+async def test_two_demo_processes_sharing_a_port_agree_on_tokens_refreshes_and_logouts(
+    start_command: StartCommand, redis_server: RedisServer
+) -> None:
+    secret, port = secrets.token_urlsafe(32), free_port()
+    demo = (
+        sys.executable,
+        *WARNING_FLAGS,
+        str(EXAMPLES / "spa_demo.py"),
+        "--port",
+        str(port),
+        "--reuse-port",
+    )
+    banner = "jwtplus SPA demo on"  # printed once the socket listens: the port is B's too from then
+    # A has its settings on the command line, B from the environment
+    a = await start_command(
+        "A",
+        port,
+        *demo,
+        "--redis-url",
+        redis_server.url,
+        "--rotation",
+        f"{ROTATION}s",
+        env={"JWTPLUS_SECRET": secret},
+        ready=banner,
+    )
+    b = await start_command(
+        "B",
+        port,
+        *demo,
+        env={
+            "JWTPLUS_SECRET": secret,
+            "JWTPLUS_REDIS_URL": redis_server.url,
+            "JWTPLUS_ROTATION": f"{ROTATION}s",
+        },
+        ready=banner,
+    )
+    sent = await run_against(a.url, secret)
+    for server in (a, b):
+        assert await server.stop() == 0, server.logs()
+    answered = answerers([a.stderr(), b.stderr()], _DEMO_ACCESS)
+    counts = check_run(sent, answered, {a.proc.pid, b.proc.pid})
+    for server in (a, b):
+        assert_clean(server)
+    print(counts)

@@ -99,6 +99,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "setup",
         "show_request_info",
     ),
+    "scale-out": ("_slot_tag", "_family_tag", "_token_tag", "_client_kind", "redis_store"),
     "keys": (
         "_parsed",
         "_verify",
@@ -158,6 +159,7 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
         "or bounded or stall or router or twice or sub_app or relative or show_request or encode or pair "
         "or ahead"
     ),
+    "scale-out": "slot or cluster or sentinel or replica or redis_store or revoke_family or namespace",
     "keys": (
         "(key or jwk or eddsa or ed25519 or es256 or rs256 or ps256 or alg or kid or pem or crypto or "
         "confusion or der or rotation or period or publish or readme) and not (servers or browser or redis)"
