@@ -6580,6 +6580,18 @@ def test_the_revocation_keys_of_any_token_share_one_slot(sub: str, fam: str, jti
 SLOT_SESSIONS = sessions_for(namespace="app:")
 
 
+async def test_a_token_without_sub_is_refused_once_its_family_is_revoked_by_the_family_alone() -> None:
+    """Without ``sub`` the family's tag names the slot (a jti's would miss what revoke_family wrote)."""
+    sessions = sessions_for()
+    pair = await jwtplus.issue_tokens(sessions, "ann")
+    claims = {k: v for k, v in sessions.manager.decode(pair.access).items() if k != "sub"}
+    now = time.time()
+    assert not await jwtplus._is_revoked(sessions, claims, now)
+    await jwtplus.revoke_family(sessions, claims["fam"], now=now)
+    assert await jwtplus._is_revoked(sessions, claims, now)
+    assert await jwtplus._is_revoked(sessions, {"fam": claims["fam"]}, now)
+
+
 async def test_a_whitelisted_path_without_a_token_never_touches_the_store(make_client: Any) -> None:
     touched: list[str] = []
     inner = jwtplus.memory_store()
