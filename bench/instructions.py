@@ -2,6 +2,7 @@
 
     python bench/instructions.py [--modes bare,jwtplus-setup,jwtplus-jwks] [--requests 1000]
     python bench/instructions.py --modes bare,jwtplus-fresh,jwtplus-sessions,jwtplus-redis --concurrency 50
+    python bench/instructions.py --modes jwtplus-redis,jwtplus-cluster
 
 Each mode's server (bench/servers.py, asyncio) runs under callgrind twice, answering
 200 and then 200 + --requests requests with the reused token over one keep-alive
@@ -12,7 +13,13 @@ once per run (its JWK Set is fetched before the server listens: bench/servers.py
 jwtplus-fresh gets a new token on every request (minted before the run), so each
 one misses the verified-token cache. jwtplus-sessions and jwtplus-redis get an access
 token of Sessions; jwtplus-redis's redis-server is started here, on a free loopback
-port, and stopped at the end (needs redis-server and redis-py). --concurrency N
+port, and stopped at the end (needs redis-server and redis-py). jwtplus-cluster is the
+same server with a ``RedisCluster`` client (no retries, as redis_store demands;
+replicas=1, its default for a cluster, which only writes wait for) on a cluster started
+here too: six redis-servers on free loopback ports, three masters with a replica each,
+joined by ``redis-cli --cluster create`` and in use once every node reports
+cluster_state:ok with all 16384 slots and every replica is in sync (needs redis-cli).
+Each of its requests is one MGET, to the master of the token's slot. --concurrency N
 drives N keep-alive connections at once: each round sends one request on every
 connection, then reads every answer, so the server has N requests in hand.
 
@@ -39,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jwtplus
 
@@ -54,10 +62,17 @@ BENCH_NOW = int(time.time()) // 86400 * 86400  # the same token all day: fixed j
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    (port,) = free_ports(1)
+    return port
+
+
+def free_ports(count: int) -> list[int]:
+    """*count* distinct loopback ports that were free a moment ago (all held at once while picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def connect(port: int, timeout: float) -> socket.socket:
@@ -76,12 +91,14 @@ def answer_of(sock: socket.socket) -> None:
     """Read one answer to GET /hello from *sock*; it must be a 200."""
     answer = b""
     while b"Hello, world" not in answer:
+        if b"\r\n\r\n" in answer and not answer.startswith(b"HTTP/1.1 200"):
+            break  # an error answer never says hello: no use waiting for the socket's timeout
         chunk = sock.recv(65536)
         if not chunk:
             raise RuntimeError(f"the server closed the connection: {answer[:200]!r}")
         answer += chunk
     if not answer.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"not a 200: {answer[:200]!r}")
+        raise RuntimeError(f"not a 200: {answer[:300]!r}")
 
 
 def drive(port: int, requests: int, tokens: Callable[[int], str], connections: int = 1) -> None:
@@ -171,6 +188,69 @@ def redis_server(wanted: bool) -> Iterator[int]:
         server.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def redis_cluster(wanted: bool) -> Iterator[int]:
+    """A Redis Cluster of its own, three masters and a replica of each on free loopback ports (no
+    persistence), stopped on the way out; yields one node's port, 0 when not *wanted*."""
+    if not wanted:
+        yield 0
+        return
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        sys.exit("jwtplus-cluster needs redis-server and redis-cli (Debian: apt-get install redis-server)")
+    import redis
+
+    ports = free_ports(12)  # a client port and a cluster bus port for each of six nodes
+    nodes = list(zip(ports[:6], ports[6:], strict=True))
+    with tempfile.TemporaryDirectory() as directory:
+        servers = []
+        try:
+            for port, bus in nodes:
+                command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory]
+                command += ["--cluster-enabled", "yes", "--cluster-port", str(bus)]
+                command += ["--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "1000"]
+                command += ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+                server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+                servers.append(server)
+            for port, _ in nodes:
+                connect(port, 30).close()
+            create = [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port, _ in nodes)]
+            create += ["--cluster-replicas", "1", "--cluster-yes"]  # the first three become the masters
+            subprocess.run(create, check=True, stdout=subprocess.DEVNULL)  # noqa: S603
+            clients = [redis.Redis(host="127.0.0.1", port=port) for port, _ in nodes]
+            deadline = time.monotonic() + 60
+            while not all(cluster_ready(client) for client in clients):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "the Redis Cluster was not ready (all slots, replicas in sync) in 60 s"
+                    )
+                time.sleep(0.1)
+            for client in clients:
+                client.close()
+            yield nodes[0][0]
+        finally:
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.wait(timeout=30)
+
+
+def cluster_ready(node: Any) -> bool:
+    """Whether a cluster node (a redis-py client) sees every slot served, and is a master with its
+    replica attached or a replica whose link to its master is up."""
+    cluster, replication = node.cluster("INFO"), node.info("replication")
+    if cluster.get("cluster_state") != "ok" or int(cluster.get("cluster_slots_ok", 0)) != 16384:
+        return False
+    if replication["role"] == "master":
+        return int(replication["connected_slaves"]) == 1 and replication["slave0"]["state"] == "online"
+    return bool(replication["master_link_status"] == "up")
+
+
+def ratio(bare: float | None, count: float) -> str:
+    """Bare aiohttp's count divided by a mode's, as the tables print it (a dash when bare did not run)."""
+    return f"{bare / count:.2f}\u00d7" if bare else "\u2014"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,9 +283,14 @@ def main() -> None:
         "jwtplus-fresh": fresh.__getitem__,
         "jwtplus-sessions": lambda i: session_token,
         "jwtplus-redis": lambda i: session_token,
+        "jwtplus-cluster": lambda i: session_token,
     }
     per_request: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as scratch, redis_server("jwtplus-redis" in modes) as redis_port:
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        redis_server("jwtplus-redis" in modes) as redis_port,
+        redis_cluster("jwtplus-cluster" in modes) as cluster_port,
+    ):
         for mode in modes:
             counts = []
             tokens = token_of.get(mode, lambda i: hs256)
@@ -218,7 +303,7 @@ def main() -> None:
                     directory=Path(scratch),
                     seed=seed,
                     connections=args.concurrency,
-                    redis_port=redis_port,
+                    redis_port=cluster_port if mode == "jwtplus-cluster" else redis_port,
                 )
                 low, high = run(BASE), run(BASE + args.requests)
                 counts.append((high - low) / args.requests)
@@ -232,10 +317,7 @@ def main() -> None:
         "",
         "| mode | instructions per request | ratio to bare |",
         "|---|---:|---:|",
-        *(
-            f"| {mode} | {count:,.0f} | {(bare / count if bare else float('nan')):.2f}\u00d7 |"
-            for mode, count in per_request.items()
-        ),
+        *(f"| {mode} | {count:,.0f} | {ratio(bare, count)} |" for mode, count in per_request.items()),
         "",
     ]
     table = "\n".join(lines)

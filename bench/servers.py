@@ -39,9 +39,10 @@ import jwtplus
 
 MODES = ("bare", "passthrough", "jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt")
 """Modes in table order: the baseline first, then the cost of one middleware, then the JWT middlewares."""
-SESSION_MODES = ("jwtplus-sessions", "jwtplus-redis")
+SESSION_MODES = ("jwtplus-sessions", "jwtplus-redis", "jwtplus-cluster")
 """bench/instructions.py's modes besides MODES: ``setup()`` with :class:`jwtplus.Sessions`, their
-revocations in a memory store, or in a real redis-server at BENCH_REDIS_PORT (one MGET per request).
+revocations in a memory store, in a real redis-server at BENCH_REDIS_PORT (one MGET per request), or
+in a Redis Cluster one of whose nodes is at BENCH_REDIS_PORT (the same MGET, through RedisCluster).
 jwtplus-fresh is jwtplus-setup's server; the driver sends it a new token every request."""
 SESSION_SETTINGS: dict[str, Any] = {"access_exptime": "1d", "refresh_exptime": "30d"}
 """The sessions of the session modes, driver and server alike: a token minted at the start of a day
@@ -60,6 +61,7 @@ MODE_LABELS = {
     "jwtplus-fresh": "jwtplus, setup(), a different token every request",
     "jwtplus-sessions": "jwtplus, setup() + Sessions + memory_store",
     "jwtplus-redis": "jwtplus, setup() + Sessions + redis_store (redis-server on loopback)",
+    "jwtplus-cluster": "jwtplus, setup() + Sessions + redis_store (RedisCluster, 3 masters on loopback)",
 }
 
 PATH = "/hello"
@@ -129,30 +131,44 @@ def aiohttp_jwt_middlewares(secret: str) -> list[Middleware]:
     return [JWTMiddleware(secret, algorithms=["HS256"])]
 
 
-def bench_sessions(secret: str, mode: str) -> jwtplus.Sessions:
-    """The Sessions of a session mode: the memory store, or redis-py on BENCH_REDIS_PORT with the
-    timeouts redis_store asks for and no retries."""
+async def bench_sessions(secret: str, mode: str) -> jwtplus.Sessions:
+    """The Sessions of a session mode: the memory store, or redis-py on BENCH_REDIS_PORT, a plain
+    client or a cluster client, with the timeouts redis_store asks for and no retries. Each keeps
+    redis_store's default replicas: 0 for the plain client, 1 for the cluster client (every write
+    waits for a replica's WAIT); the measured requests only read.
+
+    The cluster client learns the cluster's slots here, before the server listens: a RedisCluster
+    that has not learnt them sends its first commands to an arbitrary node (MOVED), and as they
+    follow the redirections it closes the connections of the others in flight (ConnectionError: a
+    503 when it may not retry), so the first round of 50 requests would fail."""
     manager = jwtplus.SecretManager(secret=secret)
-    if mode != "jwtplus-redis":
+    if mode not in ("jwtplus-redis", "jwtplus-cluster"):
         return jwtplus.Sessions(manager=manager, **SESSION_SETTINGS)
     import redis.asyncio as redis
+    from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    client = redis.Redis(
+    client_class = RedisCluster if mode == "jwtplus-cluster" else redis.Redis
+    client = client_class(
         host="127.0.0.1",
         port=int(os.environ["BENCH_REDIS_PORT"]),
         socket_timeout=1,
         socket_connect_timeout=1,
         retry=Retry(NoBackoff(), 0),
     )
+    if isinstance(client, RedisCluster):
+        await client.initialize()
     return jwtplus.Sessions(manager=manager, store=jwtplus.redis_store(client), **SESSION_SETTINGS)
 
 
-def middlewares(mode: str, secret: str, jwks_uri: str | None = None) -> list[Middleware]:
+def middlewares(
+    mode: str, secret: str, jwks_uri: str | None = None, sessions: jwtplus.Sessions | None = None
+) -> list[Middleware]:
     if mode in SESSION_MODES:
-        helper = jwtplus.JWTHelper(sessions=bench_sessions(secret, mode), protected_apis=(PATH,))
-        return [helper.middleware()]
+        if sessions is None:
+            raise ValueError(f"{mode} needs its Sessions (bench_sessions)")
+        return [jwtplus.JWTHelper(sessions=sessions, protected_apis=(PATH,)).middleware()]
     if mode == "jwtplus-fresh":
         mode = "jwtplus-setup"
     if mode == "bare":
@@ -222,7 +238,8 @@ async def serve(mode: str, secret: str, exit_after: int = 0) -> None:
     async with contextlib.AsyncExitStack() as stack:
         idp = idp_manager(os.environ["BENCH_IDP_KEY"]) if mode == "jwtplus-jwks" else None
         jwks_uri = await start_idp(idp, stack) if idp is not None else None
-        app = web.Application(middlewares=middlewares(mode, secret, jwks_uri))
+        sessions = await bench_sessions(secret, mode) if mode in SESSION_MODES else None
+        app = web.Application(middlewares=middlewares(mode, secret, jwks_uri, sessions))
         app.router.add_get(PATH, hello_then_maybe_exit if exit_after else hello)
         runner = web.AppRunner(app)
         await runner.setup()
