@@ -11763,6 +11763,51 @@ async def test_redis_store_acknowledges_a_logout_only_once_a_replica_holds_it(
         await replica.aclose()
 
 
+async def test_redis_keys_live_as_long_as_what_they_guard_and_a_new_logout_everywhere_replaces_the_old(
+    redis_server: RedisServer, make_client: Any
+) -> None:
+    """Each key expires when the last token it can refuse does (no key outlives that, none dies
+    before it); a second "log out everywhere" overwrites the first, so the logins in between end too."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    primary = redis.asyncio.Redis(
+        port=redis_server.port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    client, sessions, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
+
+    async def login() -> dict[str, str]:
+        answer = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
+        assert answer.status == 200
+        return dict(await answer.json())
+
+    try:
+        first = await login()
+        assert (await client.post("/refresh", json={"refresh_token": first["refresh"]})).status == 200
+        assert (await client.post("/logout", headers=bearer(first["access"]))).status == 200
+        between = await login()
+        everywhere = {"everywhere": True}
+        assert (
+            await client.post("/logout", headers=bearer(between["access"]), json=everywhere)
+        ).status == 200
+        later = await login()  # after the first logout everywhere, before the second
+        assert (await client.get("/me", headers=bearer(later["access"]))).status == 200
+        assert (await client.post("/logout", headers=bearer(later["access"]), json=everywhere)).status == 200
+        assert (await client.get("/me", headers=bearer(later["access"]))).status == 401
+        assert (await client.post("/refresh", json={"refresh_token": later["refresh"]})).status == 401
+        lifetime = sessions.refresh_seconds + sessions.manager.leeway_seconds
+        kinds = Counter[str]()
+        for key in await primary.keys("jwtplus:*"):
+            kind = key.decode().partition("}")[2].partition(":")[0]
+            kinds[kind] += 1
+            ttl = await primary.ttl(key)
+            assert lifetime - 5 <= ttl <= lifetime + 5, (key, ttl, lifetime)
+        assert kinds == {"used": 1, "family": 1, "subject": 1}, kinds
+    finally:
+        await primary.aclose()
+
+
 async def test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_redis_hangs(
     redis_server: RedisServer, aiohttp_client: Any
 ) -> None:
@@ -12087,6 +12132,66 @@ async def test_redis_cluster_two_servers_share_sessions_through_a_failover_and_a
     records = await assert_clean_logs(a, b)
     for name in ("A", "B"):
         assert OPEN_LOG not in warnings_of(records[name])
+
+
+async def test_redis_cluster_writes_with_a_new_client_and_refuses_one_sent_to_a_slots_old_master(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    """A client that has not read yet learns the slots before its first write; a write sent by a stale
+    slot map is refused (a redirected SET would land apart from its WAIT), and the next read mends it."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.crc import key_slot
+
+    def connect() -> Any:
+        bounded = {"socket_timeout": 1, "socket_connect_timeout": 1, "retry": Retry(NoBackoff(), 0)}
+        return RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0], **bounded)
+
+    fresh, stale = connect(), connect()
+    try:
+        sessions = sessions_for(store=jwtplus.redis_store(fresh))
+        await jwtplus.revoke_subject(sessions, "ann")  # its very first command is a write
+        key = jwtplus._store_key(sessions, jwtplus._slot_tag("ann"), "subject", "ann")
+        (generation,) = await sessions.store.get_many([key], time.time())
+        assert generation is not None
+
+        store = jwtplus.redis_store(stale)
+        moved = "{" + jwtplus._slot_tag("bob") + "}"
+        await store.get_many([moved], time.time())  # the slot map, as it is now
+        slot = key_slot(moved.encode())
+        masters = [port for port, primary in (await redis_cluster.roles()).items() if primary is None]
+        rows = await redis_cluster_slots(masters[0])
+        (owner,) = [node[1] for start, end, node, *_ in rows if start <= slot <= end]
+        target = next(port for port in masters if port != owner)
+        target_id = await redis_command(target, "CLUSTER", "MYID")
+        for port in (target, *(port for port in masters if port != target)):  # the empty slot moves
+            assert await redis_command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id) == "OK"
+
+        async def agreed() -> bool:
+            for server in redis_cluster.alive():
+                owners = [
+                    node[1]
+                    for start, end, node, *_ in await redis_cluster_slots(server.port)
+                    if start <= slot <= end
+                ]
+                if owners != [target]:
+                    return False
+            return await redis_cluster.healthy()
+
+        await redis_ready("the nodes did not agree on the moved slot", agreed, redis_cluster.log)
+        with pytest.raises(
+            Exception, match=f"of pipeline caused error: .*{slot} 127.0.0.1:{target}"
+        ) as refused:
+            await store.put(moved, 1.0, time.time() + 60, time.time())
+        assert not isinstance(refused.value, jwtplus.StoreNotDurableError)
+        assert await redis_command(target, "GET", moved) is None  # nothing written where it now lives
+        assert await store.get_many([moved], time.time()) == [None]  # a read follows the move
+        await store.put(moved, 2.0, time.time() + 60, time.time())
+        assert await store.get_many([moved], time.time()) == [2.0]
+    finally:
+        await fresh.aclose()
+        await stale.aclose()
 
 
 @pytest.fixture

@@ -159,7 +159,9 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
         "or bounded or stall or router or twice or sub_app or relative or show_request or encode or pair "
         "or ahead"
     ),
-    "scale-out": "slot or cluster or sentinel or replica or redis_store or revoke_family or namespace",
+    "scale-out": (
+        "slot or cluster or sentinel or replica or redis_store or revoke_family or namespace or keys_live"
+    ),
     "keys": (
         "(key or jwk or eddsa or ed25519 or es256 or rs256 or ps256 or alg or kid or pem or crypto or "
         "confusion or der or rotation or period or publish or readme) and not (servers or browser or redis)"
