@@ -11160,6 +11160,7 @@ logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(mes
 
 
 async def make_app() -> web.Application:
+    closing = []  # clients to close besides *client* when the app stops
     bounded = {
         "socket_timeout": args.socket_timeout,
         "socket_connect_timeout": args.socket_timeout,
@@ -11171,7 +11172,9 @@ async def make_app() -> web.Application:
     elif args.sentinel:
         host, _, port = args.sentinel.rpartition(":")
         timeouts = {name: bounded[name] for name in ("socket_timeout", "socket_connect_timeout")}
-        client = Sentinel([(host, int(port))], sentinel_kwargs=timeouts).master_for("jwtplus", **bounded)
+        sentinel = Sentinel([(host, int(port))], sentinel_kwargs=timeouts)
+        client = sentinel.master_for("jwtplus", **bounded)
+        closing.extend(sentinel.sentinels)  # the Sentinel's own connections: the client does not own them
     else:
         client = redis.asyncio.Redis.from_url(args.redis_url, **bounded)
     durable = {} if args.replicas is None else {"replicas": args.replicas}
@@ -11214,6 +11217,8 @@ async def make_app() -> web.Application:
     async def redis_client(app: web.Application):
         yield
         await client.aclose()
+        for other in closing:
+            await other.aclose()
 
     app = web.Application()
     jwtplus.setup(app, helper)
