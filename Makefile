@@ -37,7 +37,7 @@ demo: $(VENV)/.installed
 
 ## bench: jwtplus against bare aiohttp and its peers under wrk, and encode/decode against PyJWT;
 ## prints a Markdown table and writes it to bench/results.md, then the cache's memory bound and
-## instructions per request under callgrind (about 15 minutes; BENCH_ROUNDS=1 BENCH_DURATION=2
+## instructions per request under callgrind (about 21 minutes; BENCH_ROUNDS=1 BENCH_DURATION=2
 ## make bench for a quick look). Needs wrk, taskset, two CPUs and (for the last part) valgrind.
 bench: $(VENV)/.bench-installed
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \

@@ -1846,8 +1846,8 @@ def _authenticator(
         for check in checks:
             try:
                 verdict = check(request, payload, now)
-                if verdict is not None and not isinstance(verdict, str):
-                    verdict = await _maybe_await(verdict)
+                if verdict is not None and not isinstance(verdict, str) and inspect.isawaitable(verdict):
+                    verdict = await verdict
             except Exception:
                 _log.warning("jwtplus: a check raised; request rejected", exc_info=True)
                 return _failed(state, _REJECTED, "rejected", f"{_name(check)} raised")
@@ -3307,17 +3307,10 @@ def _store_failed(exc: Exception, outcome: str) -> None:
     _log.warning("jwtplus: the revocation store failed (%s: %s); %s", type(exc).__name__, exc, outcome)
 
 
-async def _is_revoked(sessions: Sessions, claims: Mapping[str, Any], now: float) -> bool:
-    """Whether the store revokes *claims*: by jti, by family, or by a logout of its subject everywhere
-    since the token was issued (its ``gen`` is not the subject's generation).
-
-    A token with no jti, family or subject has nothing to look up. Raises
-    whatever the store raises when it cannot be reached.
-    """
-    keys = _revocation_keys(sessions, claims)
-    if not keys:
-        return False
-    values = await sessions.store.get_many(keys, now)
+def _revoked_by(claims: Mapping[str, Any], keys: list[str], values: Sequence[float | None]) -> bool:
+    """Whether the store's *values* for *keys* (:func:`_revocation_keys`) revoke *claims*: by jti, by
+    family, or by a logout of its subject everywhere since the token was issued (its ``gen`` is not the
+    subject's generation)."""
     subject_key = keys[-1] if _text(claims, "sub") is not None else None
     for key, value in zip(keys, values, strict=True):
         if value is None:
@@ -3333,15 +3326,36 @@ def revocation_check(sessions: Sessions) -> Check:
     if not isinstance(sessions, Sessions):
         raise TypeError(f"sessions must be a Sessions, got {sessions!r}")
 
-    async def check_revocation(request: web.Request, claims: dict[str, Any], now: float) -> str | None:
+    # a store in this process's memory can answer at once (memory_store's get_many says so): no
+    # coroutine to make and await; the attribute goes with the function, so a store built around
+    # another get_many never takes this path
+    read_now = getattr(sessions.store.get_many, "_jwtplus_read_now", None)
+
+    def failed(exc: Exception) -> str | None:
+        if sessions.fail_open:
+            _store_failed(exc, "the token is accepted (fail-open)")
+            return None
+        _store_failed(exc, "auth_status is 'unavailable' (503 wherever a token is needed)")
+        return "unavailable"
+
+    async def revoked_later(claims: dict[str, Any], keys: list[str], now: float) -> str | None:
         try:
-            return "invalid" if await _is_revoked(sessions, claims, now) else None
+            return "invalid" if _revoked_by(claims, keys, await sessions.store.get_many(keys, now)) else None
         except Exception as exc:
-            if sessions.fail_open:
-                _store_failed(exc, "the token is accepted (fail-open)")
-                return None
-            _store_failed(exc, "auth_status is 'unavailable' (503 wherever a token is needed)")
-            return "unavailable"
+            return failed(exc)
+
+    def check_revocation(
+        request: web.Request, claims: dict[str, Any], now: float
+    ) -> str | Awaitable[str | None] | None:
+        keys = _revocation_keys(sessions, claims)  # a token with no jti, family or subject: no lookup
+        if not keys:
+            return None
+        if read_now is None:  # a store across the network: the pipeline awaits it
+            return revoked_later(claims, keys, now)
+        try:
+            return "invalid" if _revoked_by(claims, keys, read_now(keys, now)) else None
+        except Exception as exc:
+            return failed(exc)
 
     check_revocation.jwtplus_reason = "revoked"  # type: ignore[attr-defined]
     return check_revocation
@@ -3653,8 +3667,11 @@ def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
     async def put(key: str, value: float, until: float, now: float) -> None:
         write(key, value, until, now)
 
-    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+    def read_now(keys: Sequence[str], now: float) -> list[float | None]:
         return [live(key, now) for key in keys]
+
+    async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
+        return read_now(keys, now)
 
     async def consume(key: str, value: float, until: float, now: float) -> float | None:
         previous = live(key, now)
@@ -3665,6 +3682,7 @@ def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
     def info() -> dict[str, Any]:
         return {"kind": "memory", "entries": len(entries), "max_entries": max_entries}
 
+    get_many._jwtplus_read_now = read_now  # type: ignore[attr-defined]  # its answer, without a coroutine
     return RevocationStore(put, get_many, consume, info)
 
 

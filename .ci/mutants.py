@@ -56,7 +56,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "router_middleware",
         "jwt_middleware",
     ),
-    "checks": ("_csrf_ok", "csrf_check", "_text", "_revocation_keys", "_is_revoked", "revocation_check"),
+    "checks": ("_csrf_ok", "csrf_check", "_text", "_revocation_keys", "_revoked_by", "revocation_check"),
     "guards": (
         "_declare",
         "_guarded",
