@@ -6363,6 +6363,13 @@ async def session_client(make_client: Any, **sessions_args: Any) -> tuple[Any, j
     return await make_client(app=session_app(sessions, ran)), sessions, ran
 
 
+async def pair_login(client: Any) -> dict[str, str]:
+    """Log ann in on a session_app; return the pair as its JSON gives it (access, refresh)."""
+    answer = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
+    assert answer.status == 200
+    return dict(await answer.json())
+
+
 async def cookie_login(client: Any) -> dict[str, str]:
     login = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
     assert login.status == 200
@@ -11731,18 +11738,13 @@ async def test_redis_store_acknowledges_a_logout_only_once_a_replica_holds_it(
     store = jwtplus.redis_store(primary, replicas=1, replica_timeout=0.3)
     client, sessions, _ = await session_client(make_client, store=store)
 
-    async def login() -> dict[str, str]:
-        answer = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
-        assert answer.status == 200
-        return dict(await answer.json())
-
     try:
-        kept = await login()
+        kept = await pair_login(client)
         assert (await client.post("/logout", headers=bearer(kept["access"]))).status == 200
         claims = sessions.manager.decode(kept["access"])
         (family_key,) = [key for key in jwtplus._revocation_keys(sessions, claims) if "}family:" in key]
         assert await replica.get("jwtplus:" + family_key) is not None  # on the replica when answered
-        held = await login()
+        held = await pair_login(client)
         redis_replica.pause()
         started = time.monotonic()
         for answer in (
@@ -11753,7 +11755,7 @@ async def test_redis_store_acknowledges_a_logout_only_once_a_replica_holds_it(
         assert 0.6 <= time.monotonic() - started < 2.5  # two WAITs of 0.3 s, no socket timeout
         # the writes were made on the primary, only unconfirmed: the logout holds there already
         assert (await client.get("/me", headers=bearer(held["access"]))).status == 401
-        during = await login()  # a login only reads
+        during = await pair_login(client)  # a login only reads
         assert (await client.get("/me", headers=bearer(during["access"]))).status == 200
         redis_replica.resume()
         refreshed = await client.post("/refresh", json={"refresh_token": held["refresh"]})
@@ -11785,21 +11787,16 @@ async def test_redis_keys_live_as_long_as_what_they_guard_and_a_new_logout_every
     )
     client, sessions, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
 
-    async def login() -> dict[str, str]:
-        answer = await client.post("/login", json={"sub": "ann", "claims": {"username": "ann"}})
-        assert answer.status == 200
-        return dict(await answer.json())
-
     try:
-        first = await login()
+        first = await pair_login(client)
         assert (await client.post("/refresh", json={"refresh_token": first["refresh"]})).status == 200
         assert (await client.post("/logout", headers=bearer(first["access"]))).status == 200
-        between = await login()
+        between = await pair_login(client)
         everywhere = {"everywhere": True}
         assert (
             await client.post("/logout", headers=bearer(between["access"]), json=everywhere)
         ).status == 200
-        later = await login()  # after the first logout everywhere, before the second
+        later = await pair_login(client)  # after the first logout everywhere, before the second
         assert (await client.get("/me", headers=bearer(later["access"]))).status == 200
         assert (await client.post("/logout", headers=bearer(later["access"]), json=everywhere)).status == 200
         assert (await client.get("/me", headers=bearer(later["access"]))).status == 401
@@ -12689,6 +12686,10 @@ async def test_the_demo_under_gunicorn_with_two_workers_agrees_on_tokens_refresh
         port,
         sys.executable,
         *WARNING_FLAGS,
+        # aiohttp's GunicornWebWorker.init_process calls asyncio.get_event_loop() with no loop set,
+        # which Python 3.12+ deprecates: aiohttp's warning, not the demo's, and harmless there
+        "-W",
+        "ignore:There is no current event loop:DeprecationWarning:aiohttp.worker",
         "-m",
         "gunicorn",
         "spa_demo:gunicorn_app",
