@@ -12169,8 +12169,12 @@ async def test_redis_cluster_writes_with_a_new_client_and_refuses_one_sent_to_a_
         rows = await redis_cluster_slots(masters[0])
         (owner,) = [node[1] for start, end, node, *_ in rows if start <= slot <= end]
         target = next(port for port in masters if port != owner)
-        target_id = await redis_command(target, "CLUSTER", "MYID")
-        for port in (target, *(port for port in masters if port != target)):  # the empty slot moves
+        owner_id, target_id = [await redis_command(port, "CLUSTER", "MYID") for port in (owner, target)]
+        # the empty slot moves as redis-cli would move it: importing, migrating, then the new owner
+        # first (leaving the importing state bumps its config epoch, so every node takes its claim)
+        assert await redis_command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", owner_id) == "OK"
+        assert await redis_command(owner, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id) == "OK"
+        for port in (target, owner, *(port for port in masters if port not in (owner, target))):
             assert await redis_command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id) == "OK"
 
         async def agreed() -> bool:
