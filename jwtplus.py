@@ -3326,23 +3326,19 @@ def revocation_check(sessions: Sessions) -> Check:
     if not isinstance(sessions, Sessions):
         raise TypeError(f"sessions must be a Sessions, got {sessions!r}")
 
-    # a store in this process's memory can answer at once (memory_store's get_many says so): no
-    # coroutine to make and await; the attribute goes with the function, so a store built around
-    # another get_many never takes this path
+    # memory_store's get_many carries a reader that answers at once: no coroutine to make and await
+    # (the attribute goes with the function, so a store built around another get_many never uses it)
     read_now = getattr(sessions.store.get_many, "_jwtplus_read_now", None)
-
-    def failed(exc: Exception) -> str | None:
-        if sessions.fail_open:
-            _store_failed(exc, "the token is accepted (fail-open)")
-            return None
-        _store_failed(exc, "auth_status is 'unavailable' (503 wherever a token is needed)")
-        return "unavailable"
 
     async def revoked_later(claims: dict[str, Any], keys: list[str], now: float) -> str | None:
         try:
             return "invalid" if _revoked_by(claims, keys, await sessions.store.get_many(keys, now)) else None
         except Exception as exc:
-            return failed(exc)
+            if sessions.fail_open:
+                _store_failed(exc, "the token is accepted (fail-open)")
+                return None
+            _store_failed(exc, "auth_status is 'unavailable' (503 wherever a token is needed)")
+            return "unavailable"
 
     def check_revocation(
         request: web.Request, claims: dict[str, Any], now: float
@@ -3352,10 +3348,7 @@ def revocation_check(sessions: Sessions) -> Check:
             return None
         if read_now is None:  # a store across the network: the pipeline awaits it
             return revoked_later(claims, keys, now)
-        try:
-            return "invalid" if _revoked_by(claims, keys, read_now(keys, now)) else None
-        except Exception as exc:
-            return failed(exc)
+        return "invalid" if _revoked_by(claims, keys, read_now(keys, now)) else None
 
     check_revocation.jwtplus_reason = "revoked"  # type: ignore[attr-defined]
     return check_revocation

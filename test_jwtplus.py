@@ -11726,15 +11726,9 @@ async def test_redis_store_acknowledges_a_logout_only_once_a_replica_holds_it(
     """With replicas=1 a write answers after WAIT: while the replica hangs, logout and refresh are 503
     (after replica_timeout), though the primary made the write: fail closed both ways."""
     import redis.asyncio
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
 
-    def connect(port: int) -> Any:
-        return redis.asyncio.Redis(
-            port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
-        )
-
-    primary, replica = connect(redis_server.port), connect(redis_replica.port)
+    primary = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
+    replica = bounded_redis(redis.asyncio.Redis, port=redis_replica.port)
     store = jwtplus.redis_store(primary, replicas=1, replica_timeout=0.3)
     client, sessions, _ = await session_client(make_client, store=store)
 
@@ -11779,12 +11773,8 @@ async def test_redis_keys_live_as_long_as_what_they_guard_and_a_new_logout_every
     """Each key expires when the last token it can refuse does (no key outlives that, none dies
     before it); a second "log out everywhere" overwrites the first, so the logins in between end too."""
     import redis.asyncio
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
 
-    primary = redis.asyncio.Redis(
-        port=redis_server.port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
-    )
+    primary = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
     client, sessions, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
 
     try:
@@ -11818,17 +11808,13 @@ async def test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_re
 ) -> None:
     """1.0's README form answered in 1 s but redis.Redis(host=..., socket_timeout=1) in 15 s (retries)."""
     redis_asyncio = pytest.importorskip("redis.asyncio", reason="needs redis-py (the test extra)")
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
 
     (snippet,) = [code for code in readme_snippets("Sessions that last and can end") if "redis_store" in code]
     assert "redis://127.0.0.1:6379/0" in snippet
     readme = run_snippet(
         snippet.replace("redis://127.0.0.1:6379/0", redis_server.url), jwtplus=jwtplus, manager=manager()
     )
-    built = redis_asyncio.Redis(
-        port=redis_server.port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
-    )
+    built = bounded_redis(redis_asyncio.Redis, port=redis_server.port)
     for sessions in (readme["sessions"], sessions_for(store=jwtplus.redis_store(built))):
         app = web.Application()
         jwtplus.setup(app, JWTHelper(sessions=sessions))
@@ -11862,6 +11848,14 @@ CLUSTER_SKIP = (
 )
 SENTINEL_SKIP = "needs redis-sentinel on PATH (.ci/run installs it with apt-get install redis-sentinel)"
 SENTINEL_MASTER = "jwtplus"  # the name the Sentinel monitors the primary by
+
+
+def bounded_redis(client_class: Any, **where: Any) -> Any:
+    """A redis-py client of *client_class* as redis_store wants one: 1 s timeouts, one attempt."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return client_class(socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0), **where)
 
 
 async def redis_command(port: int, *args: Any) -> Any:
@@ -12145,15 +12139,10 @@ async def test_redis_cluster_writes_with_a_new_client_and_refuses_one_sent_to_a_
     """A client that has not read yet learns the slots before its first write; a write sent by a stale
     slot map is refused (a redirected SET would land apart from its WAIT), and the next read mends it."""
     from redis.asyncio.cluster import RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
     from redis.crc import key_slot
 
-    def connect() -> Any:
-        bounded = {"socket_timeout": 1, "socket_connect_timeout": 1, "retry": Retry(NoBackoff(), 0)}
-        return RedisCluster(host="127.0.0.1", port=redis_cluster.ports[0], **bounded)
-
-    fresh, stale = connect(), connect()
+    node = {"host": "127.0.0.1", "port": redis_cluster.ports[0]}
+    fresh, stale = bounded_redis(RedisCluster, **node), bounded_redis(RedisCluster, **node)
     try:
         sessions = sessions_for(store=jwtplus.redis_store(fresh))
         await jwtplus.revoke_subject(sessions, "ann")  # its very first command is a write
