@@ -163,6 +163,7 @@ __all__ = (
     "RevocationStore",
     "memory_store",
     "redis_store",
+    "MAX_CACHE_FOR",
     "MAX_STORE_TIMEOUT",
     # guards and route options
     "fresh_login_required",
@@ -3326,8 +3327,9 @@ def revocation_check(sessions: Sessions) -> Check:
     if not isinstance(sessions, Sessions):
         raise TypeError(f"sessions must be a Sessions, got {sessions!r}")
 
-    # memory_store's get_many carries a reader that answers at once: no coroutine to make and await
-    # (the attribute goes with the function, so a store built around another get_many never uses it)
+    # a store's get_many may carry a reader that answers at once (memory_store's; redis_store's copies
+    # with cache_for, None when it has none): no coroutine to make and await. The attribute goes with
+    # the function, so a store built around another get_many never uses it
     read_now = getattr(sessions.store.get_many, "_jwtplus_read_now", None)
 
     async def revoked_later(claims: dict[str, Any], keys: list[str], now: float) -> str | None:
@@ -3346,9 +3348,11 @@ def revocation_check(sessions: Sessions) -> Check:
         keys = _revocation_keys(sessions, claims)  # a token with no jti, family or subject: no lookup
         if not keys:
             return None
-        if read_now is None:  # a store across the network: the pipeline awaits it
-            return revoked_later(claims, keys, now)
-        return "invalid" if _revoked_by(claims, keys, read_now(keys, now)) else None
+        if read_now is not None and claims.get("type", "access") == "access":  # a refresh token: the store
+            values = read_now(keys, now)
+            if values is not None:
+                return "invalid" if _revoked_by(claims, keys, values) else None
+        return revoked_later(claims, keys, now)  # a store across the network: the pipeline awaits it
 
     check_revocation.jwtplus_reason = "revoked"  # type: ignore[attr-defined]
     return check_revocation
@@ -3681,6 +3685,11 @@ def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
 
 MAX_STORE_TIMEOUT = 5.0
 """The longest socket timeout :func:`redis_store` accepts, in seconds: a request waits at most one."""
+MAX_CACHE_FOR = 60.0
+"""The longest *cache_for* :func:`redis_store` accepts, in seconds: how late another server's logout
+may be refused here."""
+_CACHED_KEYS = 10_000
+"""How many keys a *cache_for* store keeps copies of, at most (the oldest make room)."""
 
 
 def _bounded_client(client: Any, kind: str, waited: float) -> None:
@@ -3736,12 +3745,88 @@ def _client_kind(client: Any) -> str:
     return "server"
 
 
+_Waiter: TypeAlias = "tuple[list[str], asyncio.Future[list[Any]]]"
+
+
+def _coalesced(
+    mget: Callable[[list[str]], Awaitable[list[Any]]],
+) -> Callable[[list[str]], Awaitable[list[Any]]]:
+    """Return ``read(names)``, *mget* shared by concurrent requests: while one lookup is in flight, the
+    lookups that start meanwhile wait for it to end, then go to Redis together in one ``MGET``.
+
+    Each lookup is still sent after its request started, so a logout acknowledged before then is
+    seen; alone, a lookup goes at once. One round trip serves a burst, so Redis's cost per request
+    falls as the load grows. A failed lookup fails those that waited for it too: none waits for two
+    timeouts of a hung Redis.
+    """
+    waiting: list[_Waiter] | None = None  # None: no lookup in flight
+    waiting_on: asyncio.AbstractEventLoop | None = None  # the loop of the lookup in flight
+    serving: set[asyncio.Task[None]] = set()
+
+    def fail(waiters: list[_Waiter], exc: BaseException) -> None:
+        for _, future in waiters:
+            if not future.done():
+                future.set_exception(exc)
+
+    async def serve(batch: list[_Waiter]) -> None:
+        nonlocal waiting
+        try:
+            while batch:
+                names = list(dict.fromkeys(name for wanted, _ in batch for name in wanted))
+                try:
+                    found = dict(zip(names, await mget(names), strict=True))
+                except Exception as exc:
+                    fail(batch + (waiting or []), exc)
+                    batch, waiting = [], []
+                    break
+                for wanted, future in batch:
+                    if not future.done():
+                        future.set_result([found[name] for name in wanted])
+                batch, waiting = waiting or [], []
+        finally:  # cancelled, as the loop closes: nobody may wait for ever
+            fail(batch + (waiting or []), ConnectionError("the store lookup was cancelled"))
+            waiting = None
+
+    def hand_off(failure: Exception | None) -> None:
+        """The lookup in flight ended: send the lookups that waited for it, or fail them with it."""
+        nonlocal waiting
+        if not waiting or failure is not None:
+            if waiting and failure is not None:
+                fail(waiting, failure)
+            waiting = None
+            return
+        task = asyncio.get_running_loop().create_task(serve(waiting))
+        waiting = []
+        serving.add(task)
+        task.add_done_callback(serving.discard)
+
+    async def read(names: list[str]) -> list[Any]:
+        nonlocal waiting, waiting_on
+        loop = asyncio.get_running_loop()
+        if waiting is not None and waiting_on is loop:
+            future: asyncio.Future[list[Any]] = loop.create_future()
+            waiting.append((names, future))
+            return await future
+        waiting, waiting_on = [], loop
+        failure = None
+        try:
+            return await mget(names)
+        except Exception as exc:
+            failure = exc
+            raise
+        finally:
+            hand_off(failure)
+
+    return read
+
+
 def redis_store(
     client: Any,
     *,
     prefix: str = "jwtplus:",
     replicas: int | None = None,
     replica_timeout: Duration = 0.5,
+    cache_for: Duration = 0,
 ) -> RevocationStore:
     """A store in Redis, shared by every process and machine: *client* is a ``redis.asyncio.Redis``,
     a ``redis.asyncio.RedisCluster``, or a Sentinel's ``master_for(...)`` client.
@@ -3763,6 +3848,14 @@ def redis_store(
     :data:`MAX_STORE_TIMEOUT` seconds, and longer than *replica_timeout*), or one
     that retries, is refused:
     ``Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)`` is right.
+
+    Lookups that start while one is in flight share the next ``MGET``. By
+    default every access token is looked up, so a logout on any server is
+    refused everywhere from the next request on. *cache_for* (at most
+    :data:`MAX_CACHE_FOR` seconds) trades that for speed: this process may then
+    answer an access token from what it read less than *cache_for* ago, so
+    another server's logout is refused here up to *cache_for* later (this
+    process's own at once; refresh tokens are always looked up).
     """
     if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
         raise ValueError(
@@ -3784,11 +3877,31 @@ def redis_store(
         )
     _bounded_client(client, kind, waited if replicas else 0.0)
     wait_ms = max(1, round(waited * 1000))
+    horizon = parse_duration(cache_for, name="cache_for")
+    if not 0 <= horizon <= MAX_CACHE_FOR:
+        raise ValueError(
+            f"cache_for={cache_for!r} must be from 0 (every lookup goes to Redis) to {MAX_CACHE_FOR:g} "
+            'seconds, as a number or a duration such as "1s"'
+        )
+    cached: dict[str, tuple[float | None, float]] = {}  # key -> (value, read at): cache_for's copies
+    writes = 0  # this process's writes begun and ended: a read that overlaps one is not kept
+
+    def forget(key: str) -> None:
+        nonlocal writes
+        writes += 1
+        cached.pop(key, None)
 
     def expire_at(until: float, now: float) -> int:
         return max(math.ceil(until), math.ceil(now) + 1)
 
     async def write(key: str, value: float, until: float, now: float, *, once: bool) -> Any:
+        forget(key)
+        try:
+            return await send(key, value, until, now, once=once)
+        finally:
+            forget(key)
+
+    async def send(key: str, value: float, until: float, now: float, *, once: bool) -> Any:
         name = prefix + key
         if not replicas:
             return await client.set(name, repr(value), exat=expire_at(until, now), nx=once, get=once)
@@ -3810,17 +3923,44 @@ def redis_store(
     async def put(key: str, value: float, until: float, now: float) -> None:
         await write(key, value, until, now, once=False)
 
+    def mget(names: list[str]) -> Awaitable[list[Any]]:
+        return cast("Awaitable[list[Any]]", client.mget(names))
+
+    read = mget if kind == "cluster" else _coalesced(mget)
+
     async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
-        values = await client.mget([prefix + key for key in keys])
-        return [None if value is None else float(value) for value in values]
+        began = writes
+        values = [
+            None if value is None else float(value) for value in await read([prefix + key for key in keys])
+        ]
+        if horizon and writes == began:
+            read_at = min(now, time.time())  # never later than the read: a copy is never kept too long
+            for key, value in zip(keys, values, strict=True):
+                cached.pop(key, None)
+                if len(cached) >= _CACHED_KEYS:
+                    del cached[next(iter(cached))]
+                cached[key] = (value, read_at)
+        return values
+
+    def read_cached(keys: Sequence[str], now: float) -> list[float | None] | None:
+        values = []
+        for key in keys:
+            entry = cached.get(key)
+            if entry is None or not entry[1] <= now < entry[1] + horizon:
+                return None
+            values.append(entry[0])
+        return values
 
     async def consume(key: str, value: float, until: float, now: float) -> float | None:
         previous = await write(key, value, until, now, once=True)
         return None if previous is None else float(previous)
 
     def info() -> dict[str, Any]:
-        return {"kind": "redis", "prefix": prefix, "client": kind, "replicas": replicas}
+        described = {"kind": "redis", "prefix": prefix, "client": kind, "replicas": replicas}
+        return {**described, "cache_for": horizon, "cached": len(cached)} if horizon else described
 
+    if horizon:
+        get_many._jwtplus_read_now = read_cached  # type: ignore[attr-defined]
     return RevocationStore(put, get_many, consume, info)
 
 

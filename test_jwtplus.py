@@ -11163,6 +11163,7 @@ where.add_argument("--sentinel", help="HOST:PORT of a Sentinel that monitors the
 parser.add_argument("--replicas", type=int, help="redis_store(replicas=...); its default if left out")
 parser.add_argument("--fail-mode", choices=("closed", "open"), required=True)
 parser.add_argument("--socket-timeout", type=float, required=True)
+parser.add_argument("--cache-for", type=float, default=0, help="redis_store(cache_for=...)")
 args = parser.parse_args()
 
 # every record on stderr, one "LOG" head line each (tracebacks follow their head line)
@@ -11190,7 +11191,9 @@ async def make_app() -> web.Application:
     durable = {} if args.replicas is None else {"replicas": args.replicas}
     sessions = jwtplus.Sessions(
         manager=jwtplus.SecretManager(secret=os.environ["JWTPLUS_TEST_SECRET"]),
-        store=jwtplus.redis_store(client, replica_timeout=args.socket_timeout / 2, **durable),
+        store=jwtplus.redis_store(
+            client, replica_timeout=args.socket_timeout / 2, cache_for=args.cache_for, **durable
+        ),
         fail_open=args.fail_mode == "open",
     )
     helper = jwtplus.JWTHelper(sessions=sessions, whitelist=("/login", "/refresh"))
@@ -11405,6 +11408,43 @@ async def test_redis_logout_on_one_server_is_refused_on_the_other_at_once(
     renewed = await b.refresh(laptop["refresh"])
     assert renewed.status == 200
     assert (await a.me(renewed.body["access"])).body == {"server": "A", "sub": "ann"}
+    records = await assert_clean_logs(a, b)
+    assert warnings_of(records["A"]) == warnings_of(records["B"]) == []
+
+
+async def test_redis_cache_for_lets_another_servers_logout_through_for_at_most_that_long(
+    session_servers: StartSessionServers, redis_server: RedisServer
+) -> None:
+    """With cache_for=2, B answers ann's access token from its copy for a while after A logged her out,
+    and refuses it from at most 2 s after the logout's answer on; A refuses it and the refresh token
+    at once. The staleness measured is printed."""
+    cache_for = 2.0
+    a, b = await session_servers("--redis-url", redis_server.url, "--cache-for", str(cache_for))
+    pair = await a.login("ann")
+    assert (await a.me(pair["access"])).status == 200
+    copied = time.time()
+    assert (await b.me(pair["access"])).status == 200  # B's copy: read at or after *copied*
+    assert (await a.logout(pair["access"])).status == 200
+    logged_out = time.time()
+    assert (await a.me(pair["access"])).status == 401  # its own logout: at once
+    assert (await a.refresh(pair["refresh"])).status == 401
+    polls: list[tuple[float, int]] = []
+    while not polls or polls[-1][1] == 200:
+        sent = time.time()
+        assert sent < logged_out + cache_for + 3, polls  # B must come to refuse it
+        polls.append((sent, (await b.me(pair["access"])).status))
+        await asyncio.sleep(0.02)
+    for _ in range(5):  # refused once, refused for good
+        assert (await b.me(pair["access"])).status == 401
+    assert (await b.refresh(pair["refresh"])).status == 401
+    served = [sent for sent, status in polls if status == 200]
+    assert all(sent < logged_out + cache_for for sent in served), (polls, logged_out)
+    if polls[0][0] < copied + cache_for / 2:  # asked well within its copy's life, B answered from it
+        assert served, polls
+    stale = (served[-1] - logged_out) if served else 0.0
+    print(
+        f"B accepted the logged-out token for {stale:.3f} s after the logout's answer (cache_for={cache_for})"
+    )
     records = await assert_clean_logs(a, b)
     assert warnings_of(records["A"]) == warnings_of(records["B"]) == []
 
@@ -11833,6 +11873,135 @@ async def test_the_readmes_redis_client_answers_503_in_about_its_timeout_when_re
         assert (await client.get("/me", headers=bearer(token))).status == 200
     await readme["client"].aclose()
     await built.aclose()
+
+
+async def mget_calls(client: Any) -> int:
+    """How many MGET commands the redis-server behind *client* has run."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+async def test_redis_concurrent_lookups_share_round_trips_and_each_request_keeps_its_own_answer(
+    redis_server: RedisServer, make_client: Any
+) -> None:
+    """The lookups that start while one is in flight go to Redis together, in one MGET: fewer round
+    trips than requests, each request the answer of its own token, a logout seen at once; a hung
+    Redis fails every one of them in one socket timeout (503), and nothing stays stuck."""
+    import redis.asyncio
+
+    primary = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
+    client, _, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
+    try:
+        pairs = [await pair_login(client) for _ in range(12)]
+        for pair in pairs[::3]:
+            assert (await client.post("/logout", headers=bearer(pair["access"]))).status == 200
+        expected = [401 if i % 12 % 3 == 0 else 200 for i in range(120)]
+
+        before = await mget_calls(primary)
+        answers = await asyncio.gather(
+            *(client.get("/me", headers=bearer(pairs[i % 12]["access"])) for i in range(120))
+        )
+        sent = await mget_calls(primary) - before
+        assert [answer.status for answer in answers] == expected
+        assert 1 <= sent <= 60, sent  # alone, each lookup would be a round trip of its own
+
+        logout = client.post("/logout", headers=bearer(pairs[1]["access"]))
+        burst = [client.get("/me", headers=bearer(pairs[i]["access"])) for i in (1, 2, 1, 4)]
+        assert (await logout).status == 200
+        assert [answer.status for answer in await asyncio.gather(*burst)] == [401, 200, 401, 200]
+
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            hung = await asyncio.gather(
+                *(client.get("/me", headers=bearer(pairs[i % 12]["access"])) for i in range(40))
+            )
+            waited = time.monotonic() - started
+        finally:
+            redis_server.resume()
+        assert [answer.status for answer in hung] == [503] * 40
+        assert waited < 1.9, waited  # one socket timeout of 1 s for all, not one after another
+        answers = await asyncio.gather(
+            *(client.get("/me", headers=bearer(pairs[i]["access"])) for i in range(12))
+        )
+        assert [answer.status for answer in answers] == [
+            401 if i in (0, 1, 3, 6, 9) else 200 for i in range(12)
+        ]
+    finally:
+        await primary.aclose()
+
+
+async def looked_up(sessions: jwtplus.Sessions, claims: dict[str, Any], now: float) -> tuple[bool, bool]:
+    """What the revocation check says of *claims* at *now*: whether they are revoked, and whether it
+    had to ask the store (it returned an awaitable) rather than answer at once."""
+    verdict = jwtplus.revocation_check(sessions)(make_mocked_request("GET", "/"), claims, now)
+    asked = inspect.isawaitable(verdict)
+    if asked:
+        verdict = await verdict
+    assert verdict in (None, "invalid"), verdict
+    return verdict == "invalid", asked
+
+
+async def test_redis_cache_for_answers_access_tokens_from_copies_younger_than_it_and_nothing_else(
+    redis_server: RedisServer,
+) -> None:
+    """cache_for="5s": another server's logout is refused here once the copy read before it is 5 s old,
+    never later; this process's own logouts, refresh tokens, a clock set back and a read that overlaps
+    a write of this process always go to Redis."""
+    import redis.asyncio
+
+    clients = [bounded_redis(redis.asyncio.Redis, port=redis_server.port) for _ in range(2)]
+    start = int(time.time()) - 100  # a past clock, whose keys Redis still keeps: exp is 15 minutes on
+    try:
+        store = jwtplus.redis_store(clients[0], cache_for="5s")
+        here = sessions_for(store=store)
+        there = sessions_for(manager=here.manager, store=jwtplus.redis_store(clients[1]))
+        pairs = [await jwtplus.issue_tokens(here, "ann", now=start) for _ in range(3)]
+        (access, refresh), (own, _), (raced, _) = (
+            [here.manager.decode(token, now=start) for token in (pair.access, pair.refresh)] for pair in pairs
+        )
+        assert await looked_up(here, access, start) == (False, True)  # nothing kept yet
+        before = await mget_calls(clients[0])
+        assert await looked_up(here, access, start + 1) == (False, False)
+        await jwtplus.revoke_token(there, access, now=start + 1)  # another server's logout
+        assert await looked_up(here, access, start + 4.99) == (False, False)  # stale, as long as promised
+        assert await mget_calls(clients[0]) == before
+        assert await looked_up(here, access, start + 5) == (True, True)  # the copy is 5 s old
+        assert await looked_up(here, access, start + 6) == (True, False)
+        assert await looked_up(here, access, start + 4) == (True, True)  # the clock went back: ask
+        assert await looked_up(here, refresh, start) == (False, True)
+        assert await looked_up(here, refresh, start + 0.1) == (False, True)  # refresh tokens: always asked
+
+        assert await looked_up(here, own, start) == (False, True)
+        await jwtplus.revoke_token(here, own, now=start + 1)  # this process's logout: seen at once
+        assert await looked_up(here, own, start + 1.5) == (True, True)
+
+        (_, asked), _ = await asyncio.gather(
+            looked_up(here, raced, start), jwtplus.revoke_token(here, raced, now=start)
+        )
+        assert asked
+        assert await looked_up(here, raced, start + 0.5) == (True, True)  # the overlapping read was not kept
+
+        assert store.info is not None
+        assert store.info()["cached"] == 1 + 3 * 2 + 1  # ann, each family and access jti, one refresh jti
+        many = [f"filler:{i}" for i in range(10_500)]
+        for start in range(0, len(many), 1000):
+            await store.get_many(many[start : start + 1000], start)
+        assert store.info() == {
+            "kind": "redis",
+            "prefix": "jwtplus:",
+            "client": "server",
+            "replicas": 0,
+            "cache_for": 5.0,
+            "cached": 10_000,
+        }
+        for bad in (-1, 61, "forever"):
+            with pytest.raises(ValueError, match="cache_for"):
+                jwtplus.redis_store(clients[0], cache_for=bad)
+        assert "cached" not in jwtplus.redis_store(clients[0]).info()  # type: ignore[misc]
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 # -- Redis Cluster and Sentinel: the store where the primary can change under it --

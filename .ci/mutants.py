@@ -99,7 +99,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "setup",
         "show_request_info",
     ),
-    "scale-out": ("_slot_tag", "_family_tag", "_token_tag", "_client_kind", "redis_store"),
+    "scale-out": ("_slot_tag", "_family_tag", "_token_tag", "_client_kind", "_coalesced", "redis_store"),
     "keys": (
         "_parsed",
         "_verify",
@@ -160,7 +160,8 @@ FIRST = {  # the tests most likely to kill a section's mutants, run first (then,
         "or ahead"
     ),
     "scale-out": (
-        "slot or cluster or sentinel or replica or redis_store or revoke_family or namespace or keys_live"
+        "slot or cluster or sentinel or replica or redis_store or revoke_family or namespace or keys_live "
+        "or concurrent_lookups"
     ),
     "keys": (
         "(key or jwk or eddsa or ed25519 or es256 or rs256 or ps256 or alg or kid or pem or crypto or "

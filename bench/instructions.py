@@ -13,7 +13,9 @@ once per run (its JWK Set is fetched before the server listens: bench/servers.py
 jwtplus-fresh gets a new token on every request (minted before the run), so each
 one misses the verified-token cache. jwtplus-sessions and jwtplus-redis get an access
 token of Sessions; jwtplus-redis's redis-server is started here, on a free loopback
-port, and stopped at the end (needs redis-server and redis-py). jwtplus-cluster is the
+port, and stopped at the end (needs redis-server and redis-py). jwtplus-redis-cached is
+the same with ``redis_store(cache_for=1)``: one MGET a second, the other requests answered
+from its copies. jwtplus-cluster is the
 same server with a ``RedisCluster`` client (no retries, as redis_store demands;
 replicas=1, its default for a cluster, which only writes wait for) on a cluster started
 here too: six redis-servers on free loopback ports, three masters with a replica each,
@@ -283,12 +285,13 @@ def main() -> None:
         "jwtplus-fresh": fresh.__getitem__,
         "jwtplus-sessions": lambda i: session_token,
         "jwtplus-redis": lambda i: session_token,
+        "jwtplus-redis-cached": lambda i: session_token,
         "jwtplus-cluster": lambda i: session_token,
     }
     per_request: dict[str, float] = {}
     with (
         tempfile.TemporaryDirectory() as scratch,
-        redis_server("jwtplus-redis" in modes) as redis_port,
+        redis_server(bool({"jwtplus-redis", "jwtplus-redis-cached"} & set(modes))) as redis_port,
         redis_cluster("jwtplus-cluster" in modes) as cluster_port,
     ):
         for mode in modes:

@@ -39,10 +39,11 @@ import jwtplus
 
 MODES = ("bare", "passthrough", "jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt")
 """Modes in table order: the baseline first, then the cost of one middleware, then the JWT middlewares."""
-SESSION_MODES = ("jwtplus-sessions", "jwtplus-redis", "jwtplus-cluster")
+SESSION_MODES = ("jwtplus-sessions", "jwtplus-redis", "jwtplus-redis-cached", "jwtplus-cluster")
 """bench/instructions.py's modes besides MODES: ``setup()`` with :class:`jwtplus.Sessions`, their
-revocations in a memory store, in a real redis-server at BENCH_REDIS_PORT (one MGET per request), or
-in a Redis Cluster one of whose nodes is at BENCH_REDIS_PORT (the same MGET, through RedisCluster).
+revocations in a memory store, in a real redis-server at BENCH_REDIS_PORT (one MGET per request, or
+with ``cache_for=1`` one a second), or in a Redis Cluster one of whose nodes is at BENCH_REDIS_PORT
+(the same MGET, through RedisCluster).
 jwtplus-fresh is jwtplus-setup's server; the driver sends it a new token every request."""
 SESSION_SETTINGS: dict[str, Any] = {"access_exptime": "1d", "refresh_exptime": "30d"}
 """The sessions of the session modes, driver and server alike: a token minted at the start of a day
@@ -61,6 +62,7 @@ MODE_LABELS = {
     "jwtplus-fresh": "jwtplus, setup(), a different token every request",
     "jwtplus-sessions": "jwtplus, setup() + Sessions + memory_store",
     "jwtplus-redis": "jwtplus, setup() + Sessions + redis_store (redis-server on loopback)",
+    "jwtplus-redis-cached": "jwtplus, setup() + Sessions + redis_store(cache_for=1) (redis-server)",
     "jwtplus-cluster": "jwtplus, setup() + Sessions + redis_store (RedisCluster, 3 masters on loopback)",
 }
 
@@ -142,7 +144,7 @@ async def bench_sessions(secret: str, mode: str) -> jwtplus.Sessions:
     follow the redirections it closes the connections of the others in flight (ConnectionError: a
     503 when it may not retry), so the first round of 50 requests would fail."""
     manager = jwtplus.SecretManager(secret=secret)
-    if mode not in ("jwtplus-redis", "jwtplus-cluster"):
+    if mode not in ("jwtplus-redis", "jwtplus-redis-cached", "jwtplus-cluster"):
         return jwtplus.Sessions(manager=manager, **SESSION_SETTINGS)
     import redis.asyncio as redis
     from redis.asyncio.cluster import RedisCluster
@@ -159,7 +161,8 @@ async def bench_sessions(secret: str, mode: str) -> jwtplus.Sessions:
     )
     if isinstance(client, RedisCluster):
         await client.initialize()
-    return jwtplus.Sessions(manager=manager, store=jwtplus.redis_store(client), **SESSION_SETTINGS)
+    store = jwtplus.redis_store(client, cache_for=1 if mode == "jwtplus-redis-cached" else 0)
+    return jwtplus.Sessions(manager=manager, store=store, **SESSION_SETTINGS)
 
 
 def middlewares(
