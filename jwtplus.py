@@ -485,6 +485,19 @@ def _hmac_key(secret: bytes, period: int, algorithm: str) -> bytes:
 _cached_key = functools.lru_cache(maxsize=64)(_hmac_key)
 
 
+@functools.lru_cache(maxsize=64)
+def _keyed(key: bytes, algorithm: str) -> Any:
+    """An HMAC of *key* that has read nothing yet: copying it skips the key's set-up on every token."""
+    return hmac.new(key, digestmod=_HASHES[algorithm])
+
+
+def _mac(key: bytes, message: bytes, algorithm: str) -> bytes:
+    """HMAC(*key*, *message*) with the hash of HS256, HS384 or HS512 (*algorithm*)."""
+    mac = _keyed(key, algorithm).copy()
+    mac.update(message)
+    return cast(bytes, mac.digest())
+
+
 def _uncached_key(manager: SecretManager, period: int) -> bytes:
     """A key outside its window: derived only to tell a forgery from an old token, never cached."""
     return _hmac_key(manager._key, period, manager.algorithm)
@@ -918,7 +931,7 @@ def encode_token(
         key = manager._key if period is None else key_for_period(manager, period)
         signing_input = _header_segment(manager.algorithm, None if period is None else str(period))
         signing_input += "." + payload_segment
-        signature = hmac.new(key, signing_input.encode("ascii"), _HASHES[manager.algorithm]).digest()
+        signature = _mac(key, signing_input.encode("ascii"), manager.algorithm)
         return signing_input + "." + _b64encode(signature)
     signer = manager._signing if period is None else _derived_key(manager._key, period)
     if signer is None or signer.sign is None:
@@ -1022,10 +1035,13 @@ def _verify(manager: SecretManager, token: str | bytes, now: float) -> tuple[dic
         )
     message = f"{header_b64}.{payload_b64}".encode("ascii")
     if manager._keys is None:
-        key = manager._key
-        if period is not None:
-            key = (key_for_period if window == 0 else _uncached_key)(manager, period)
-        valid = hmac.compare_digest(signature, hmac.new(key, message, _HASHES[manager.algorithm]).digest())
+        if window == 0:
+            key = manager._key if period is None else key_for_period(manager, period)
+            expected = _mac(key, message, manager.algorithm)
+        else:  # its period's key, outside its window: neither it nor its HMAC is cached
+            key = _uncached_key(manager, cast(int, period))
+            expected = hmac.new(key, message, _HASHES[manager.algorithm]).digest()
+        valid = hmac.compare_digest(signature, expected)
     else:
         valid = _own_key(manager, header, period, window).verifiers[manager.algorithm](signature, message)
     if not valid:
@@ -1611,7 +1627,7 @@ def header_token_getter(scheme: str = "Bearer", *, header: str = "Authorization"
             parts = [part for part in values[0].strip(" \t").split(" ") if part]
         if len(parts) != 2 or parts[0].lower() != wanted:
             return None
-        request[TOKEN_SOURCE] = "header"
+        request._state[TOKEN_SOURCE] = "header"  # request[...] = ..., minus a Python call
         return parts[1]
 
     get_token.__qualname__ = get_token.__name__ = f"header_token_getter({scheme!r})"
@@ -2986,7 +3002,7 @@ def csrf_check(cookies: CookiePolicy = DEFAULT_COOKIES, *, every_method: bool = 
     def check_csrf(
         request: web.Request, claims: dict[str, Any], now: float
     ) -> str | Awaitable[str | None] | None:
-        if request.get(TOKEN_SOURCE) in _NOT_AMBIENT:
+        if request._state.get(TOKEN_SOURCE) in _NOT_AMBIENT:  # request.get, minus two Python calls
             return None
         if request.method in exempt:
             return None if _origin_ok(request, cookies) else "rejected"
@@ -3270,7 +3286,11 @@ def _family_tag(family: str, subject: str | None) -> str | None:
 
 def _token_tag(claims: Mapping[str, Any]) -> str | None:
     """The slot tag of a token's entries: its subject's, else its family's, else its jti's."""
-    subject, family, jti = _text(claims, "sub"), _text(claims, "fam"), _text(claims, "jti")
+    return _tag_of(_text(claims, "jti"), _text(claims, "fam"), _text(claims, "sub"))
+
+
+def _tag_of(jti: str | None, family: str | None, subject: str | None) -> str | None:
+    """:func:`_token_tag` of the claims *jti*, *family* and *subject* (each a non-empty string, or None)."""
     if subject is not None:
         return _slot_tag(subject)
     if family is not None:
@@ -3283,24 +3303,29 @@ def _store_key(sessions: Sessions, tag: str, kind: str, value: str) -> str:
     return f"{sessions.namespace}{{{tag}}}{kind}:{value}"
 
 
-_REVOCATION_CLAIMS = (("revoked", "jti"), ("family", "fam"), ("subject", "sub"))
-
-
-def _revocation_keys(sessions: Sessions, claims: Mapping[str, Any]) -> list[str]:
+def _revocation_keys(sessions: Sessions, claims: Mapping[str, Any]) -> tuple[str, ...]:
     """The store keys that can revoke a token: its own jti, its family, its subject's generation,
     all in one slot.
 
     A claim that is absent, empty or not a string has no key, so no two tokens share one by accident.
     """
-    tag = _token_tag(claims)
+    jti, family, subject = claims.get("jti"), claims.get("fam"), claims.get("sub")
+    return _keys_of(  # _text's test, written out: this runs on every request
+        sessions.namespace,
+        jti if jti.__class__ is str and jti else None,
+        family if family.__class__ is str and family else None,
+        subject if subject.__class__ is str and subject else None,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys_of(namespace: str, jti: str | None, family: str | None, subject: str | None) -> tuple[str, ...]:
+    """:func:`_revocation_keys` of one token, built once while it is in use."""
+    tag = _tag_of(jti, family, subject)
     if tag is None:
-        return []
-    keys = []
-    for kind, name in _REVOCATION_CLAIMS:
-        value = claims.get(name)
-        if value.__class__ is str and value:
-            keys.append(f"{sessions.namespace}{{{tag}}}{kind}:{value}")
-    return keys
+        return ()
+    named = (("revoked", jti), ("family", family), ("subject", subject))
+    return tuple(f"{namespace}{{{tag}}}{kind}:{value}" for kind, value in named if value is not None)
 
 
 def _store_failed(exc: Exception, outcome: str) -> None:
@@ -3308,7 +3333,7 @@ def _store_failed(exc: Exception, outcome: str) -> None:
     _log.warning("jwtplus: the revocation store failed (%s: %s); %s", type(exc).__name__, exc, outcome)
 
 
-def _revoked_by(claims: Mapping[str, Any], keys: list[str], values: Sequence[float | None]) -> bool:
+def _revoked_by(claims: Mapping[str, Any], keys: Sequence[str], values: Sequence[float | None]) -> bool:
     """Whether the store's *values* for *keys* (:func:`_revocation_keys`) revoke *claims*: by jti, by
     family, or by a logout of its subject everywhere since the token was issued (its ``gen`` is not the
     subject's generation)."""
@@ -3332,7 +3357,7 @@ def revocation_check(sessions: Sessions) -> Check:
     # the function, so a store built around another get_many never uses it
     read_now = getattr(sessions.store.get_many, "_jwtplus_read_now", None)
 
-    async def revoked_later(claims: dict[str, Any], keys: list[str], now: float) -> str | None:
+    async def revoked_later(claims: dict[str, Any], keys: tuple[str, ...], now: float) -> str | None:
         try:
             return "invalid" if _revoked_by(claims, keys, await sessions.store.get_many(keys, now)) else None
         except Exception as exc:
@@ -3665,7 +3690,11 @@ def memory_store(*, max_entries: int = 100_000) -> RevocationStore:
         write(key, value, until, now)
 
     def read_now(keys: Sequence[str], now: float) -> list[float | None]:
-        return [live(key, now) for key in keys]
+        values = []
+        for key in keys:  # live(key, now), written out: this runs on every request
+            entry = entries.get(key)
+            values.append(entry[0] if entry is not None and entry[1] > now else None)
+        return values
 
     async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
         return read_now(keys, now)

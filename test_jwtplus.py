@@ -6523,8 +6523,9 @@ async def test_revocation_keys_of_absent_or_odd_claims_never_collide(make_client
     assert (await client.get("/me", headers=bearer(none_jti))).status == 401
     assert (await client.get("/me", headers=bearer(no_jti))).status == 200  # "None" is no wildcard
     assert (await client.get("/me", headers=bearer(empty))).status == 200
-    assert jwtplus._revocation_keys(sessions, {}) == []
-    assert jwtplus._revocation_keys(sessions, {"jti": "", "fam": None, "sub": 7}) == []
+    assert jwtplus._revocation_keys(sessions, {}) == ()
+    assert jwtplus._revocation_keys(sessions, {"jti": "", "fam": None, "sub": 7}) == ()
+    assert jwtplus._revocation_keys(sessions, {"jti": ["a"], "fam": {"b": 1}, "sub": 7.5}) == ()
     keys = jwtplus._revocation_keys(sessions, {"jti": "a", "fam": "a", "sub": "a"})
     assert len(set(keys)) == 3
 
@@ -6823,11 +6824,11 @@ async def test_apps_with_different_secrets_on_one_store_never_revoke_each_other(
     assert (app_a.namespace or "")[:-1].encode() not in SECRET
     bare = sessions_for(namespace="")  # no namespace; the slot tag stays
     tag = jwtplus._slot_tag("s")
-    assert jwtplus._revocation_keys(bare, {"jti": "j", "fam": "f", "sub": "s"}) == [
+    assert jwtplus._revocation_keys(bare, {"jti": "j", "fam": "f", "sub": "s"}) == (
         f"{{{tag}}}revoked:j",
         f"{{{tag}}}family:f",
         f"{{{tag}}}subject:s",
-    ]
+    )
     with pytest.raises(TypeError, match="namespace=7 must be a string or None"):
         sessions_for(namespace=7)
     for braced in ("{app}:", "app}", "{"):

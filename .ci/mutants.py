@@ -56,7 +56,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "router_middleware",
         "jwt_middleware",
     ),
-    "checks": ("_csrf_ok", "csrf_check", "_text", "_revocation_keys", "_revoked_by", "revocation_check"),
+    "checks": (
+        "_csrf_ok",
+        "csrf_check",
+        "_text",
+        "_revocation_keys",
+        "_keys_of",
+        "_revoked_by",
+        "revocation_check",
+    ),
     "guards": (
         "_declare",
         "_guarded",
@@ -99,7 +107,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "setup",
         "show_request_info",
     ),
-    "scale-out": ("_slot_tag", "_family_tag", "_token_tag", "_client_kind", "_coalesced", "redis_store"),
+    "scale-out": (
+        "_slot_tag",
+        "_family_tag",
+        "_token_tag",
+        "_tag_of",
+        "_client_kind",
+        "_coalesced",
+        "redis_store",
+    ),
     "keys": (
         "_parsed",
         "_verify",

@@ -39,6 +39,7 @@ BENCH_ROUNDS=1 BENCH_DURATION=2 make bench.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import hmac
@@ -71,10 +72,28 @@ import jwtplus
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from servers import BODY, IDP_CLAIMS, LOOPS, MODE_LABELS, MODES, PATH, idp_manager, new_idp_key  # noqa: E402
+from instructions import redis_server  # noqa: E402
+from servers import (  # noqa: E402
+    BODY,
+    IDP_CLAIMS,
+    LOOPS,
+    MODE_LABELS,
+    MODES,
+    PATH,
+    SESSION_SETTINGS,
+    idp_manager,
+    new_idp_key,
+)
 
 PATTERNS = ("reused", "fresh")
-TOKEN_MODES = frozenset({"jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt"})
+SESSION_RUN_MODES = ("jwtplus-sessions", "jwtplus-redis", "jwtplus-redis-cached")
+"""Modes on request (--modes), not by default: Sessions with memory_store, or with redis_store on a
+redis-server this script starts on a free loopback port (strict, or cache_for=1); their tokens are
+access tokens of Sessions."""
+REDIS_MODES = frozenset({"jwtplus-redis", "jwtplus-redis-cached"})
+TOKEN_MODES = frozenset(
+    {"jwtplus", "jwtplus-setup", "jwtplus-jwks", "aiohttp-jwt", "pyjwt", *SESSION_RUN_MODES}
+)
 """Modes that verify the token, so a repeated "fresh" token could be a cache hit for them."""
 OPTIONAL_MODES = frozenset({"aiohttp-jwt"})
 """Peers left out (with the reason printed) when they cannot even start; anything else aborts."""
@@ -127,7 +146,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=int(_env("TOKENS", "0")),
         help="distinct fresh tokens (BENCH_TOKENS; 0: enough for a server at 10k req/s)",
     )
-    add("--modes", type=names(MODES), default=names(MODES)(_env("MODES", " ".join(MODES))))
+    add(
+        "--modes",
+        type=names((*MODES, *SESSION_RUN_MODES)),
+        default=names(MODES)(_env("MODES", " ".join(MODES))),
+        help=f"modes (BENCH_MODES; all of MODES by default; on request: {', '.join(SESSION_RUN_MODES)})",
+    )
     add("--loops", type=names(LOOPS), default=names(LOOPS)(_env("LOOPS", " ".join(LOOPS))))
     add("--patterns", type=names(PATTERNS), default=names(PATTERNS)(_env("PATTERNS", " ".join(PATTERNS))))
     add("--server-cpu", type=int, default=int(_env("SERVER_CPU", "0")), help="CPU of the servers (0)")
@@ -372,11 +396,22 @@ class Server:
 
 
 def start_servers(
-    modes: Sequence[str], loops: Sequence[str], secret: str, idp_key: str, cpu: int, logs: Path
+    modes: Sequence[str],
+    loops: Sequence[str],
+    secret: str,
+    idp_key: str,
+    cpu: int,
+    logs: Path,
+    redis_port: int = 0,
 ) -> tuple[dict[tuple[str, str], Server], dict[str, str]]:
     """Start one server per mode and loop; return them and the optional modes left out, with why."""
     taskset = _tool("taskset")
-    env = {**os.environ, "BENCH_SECRET": secret, "BENCH_IDP_KEY": idp_key}
+    env = {
+        **os.environ,
+        "BENCH_SECRET": secret,
+        "BENCH_IDP_KEY": idp_key,
+        "BENCH_REDIS_PORT": str(redis_port),
+    }
     servers: dict[tuple[str, str], Server] = {}
     left_out: dict[str, str] = {}
     try:
@@ -524,6 +559,11 @@ def mint_tokens(encode: Callable[[], str], count: int, path: Path) -> TokenFile:
     return TokenFile(encode(), path, count)
 
 
+async def session_tokens(sessions: jwtplus.Sessions, count: int) -> list[str]:
+    """*count* access tokens of *sessions*, each of a login of its own."""
+    return [(await jwtplus.issue_tokens(sessions, "bench")).access for _ in range(count)]
+
+
 def mint_all(
     modes: Sequence[str], secret: str, idp_key: str, count: int, directory: Path
 ) -> dict[str, TokenFile]:
@@ -532,13 +572,19 @@ def mint_all(
     hs256 = jwtplus.SecretManager(secret=secret)
     print(f"minting {count:,} fresh HS256 tokens ...", flush=True)
     files = {"HS256": mint_tokens(lambda: hs256.encode(CLAIMS), count, directory / "fresh_tokens.txt")}
+    if any(mode in SESSION_RUN_MODES for mode in modes):
+        sessions = jwtplus.Sessions(manager=hs256, **SESSION_SETTINGS)
+        print(f"minting {count:,} fresh access tokens of Sessions ...", flush=True)
+        minted = iter(asyncio.run(session_tokens(sessions, count + 1)))
+        files["session"] = mint_tokens(lambda: next(minted), count, directory / "fresh_session_tokens.txt")
     if any(mode in IDP_MODES for mode in modes):
         idp = idp_manager(idp_key)
         print(f"minting {count:,} fresh RS256 tokens of the identity provider ...", flush=True)
         files["RS256"] = mint_tokens(
             lambda: idp.encode(IDP_CLAIMS), count, directory / "fresh_idp_tokens.txt"
         )
-    return {mode: files["RS256" if mode in IDP_MODES else "HS256"] for mode in modes}
+    kind = {**dict.fromkeys(IDP_MODES, "RS256"), **dict.fromkeys(SESSION_RUN_MODES, "session")}
+    return {mode: files[kind.get(mode, "HS256")] for mode in modes}
 
 
 def next_fresh_token(server: Server, tokens: TokenFile) -> str:
@@ -853,9 +899,14 @@ def main(argv: Sequence[str]) -> int:
     print("\n".join(machine), flush=True)
     micro_rows = None if args.no_micro else run_micro(args, secret)
     idp_key = new_idp_key() if any(mode in IDP_MODES for mode in args.modes) else ""
-    with tempfile.TemporaryDirectory(prefix="jwtplus-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="jwtplus-bench-") as tmp,
+        redis_server(bool(REDIS_MODES & set(args.modes))) as redis_port,
+    ):
         tokens_of = mint_all(args.modes, secret, idp_key, args.tokens, Path(tmp))
-        servers, left_out = start_servers(args.modes, args.loops, secret, idp_key, args.server_cpu, Path(tmp))
+        servers, left_out = start_servers(
+            args.modes, args.loops, secret, idp_key, args.server_cpu, Path(tmp), redis_port
+        )
         for mode, reason in left_out.items():
             print(f"LEFT OUT {MODE_LABELS[mode]}: {reason}", file=sys.stderr, flush=True)
         modes = [m for m in args.modes if m not in left_out]
