@@ -161,7 +161,8 @@ async def bench_sessions(secret: str, mode: str) -> jwtplus.Sessions:
     )
     if isinstance(client, RedisCluster):
         await client.initialize()
-    store = jwtplus.redis_store(client, cache_for=1 if mode == "jwtplus-redis-cached" else 0)
+    cached: dict[str, Any] = {"cache_for": 1} if mode == "jwtplus-redis-cached" else {}  # default: none
+    store = jwtplus.redis_store(client, **cached)
     return jwtplus.Sessions(manager=manager, store=store, **SESSION_SETTINGS)
 
 
