@@ -3373,7 +3373,7 @@ def revocation_check(sessions: Sessions) -> Check:
         keys = _revocation_keys(sessions, claims)  # a token with no jti, family or subject: no lookup
         if not keys:
             return None
-        if read_now is not None and claims.get("type", "access") == "access":  # a refresh token: the store
+        if read_now is not None and claims.get("type", "access") == "access":  # refresh tokens: the store
             values = read_now(keys, now)
             if values is not None:
                 return "invalid" if _revoked_by(claims, keys, values) else None
@@ -3804,30 +3804,28 @@ def _coalesced(
                 names = list(dict.fromkeys(name for wanted, _ in batch for name in wanted))
                 try:
                     found = dict(zip(names, await mget(names), strict=True))
-                except Exception as exc:
+                except Exception as exc:  # those that started waiting meanwhile fail with it too
                     fail(batch + (waiting or []), exc)
-                    batch, waiting = [], []
-                    break
+                    return
                 for wanted, future in batch:
                     if not future.done():
                         future.set_result([found[name] for name in wanted])
                 batch, waiting = waiting or [], []
-        finally:  # cancelled, as the loop closes: nobody may wait for ever
+        finally:  # also when cancelled, as the loop closes: nobody may wait for ever
             fail(batch + (waiting or []), ConnectionError("the store lookup was cancelled"))
             waiting = None
 
     def hand_off(failure: Exception | None) -> None:
         """The lookup in flight ended: send the lookups that waited for it, or fail them with it."""
         nonlocal waiting
-        if not waiting or failure is not None:
-            if waiting and failure is not None:
-                fail(waiting, failure)
-            waiting = None
-            return
-        task = asyncio.get_running_loop().create_task(serve(waiting))
-        waiting = []
-        serving.add(task)
-        task.add_done_callback(serving.discard)
+        batch, waiting = waiting or [], None
+        if batch and failure is not None:
+            fail(batch, failure)
+        elif batch:
+            waiting = []  # still in flight: the batch's own lookup
+            task = asyncio.get_running_loop().create_task(serve(batch))
+            serving.add(task)
+            task.add_done_callback(serving.discard)
 
     async def read(names: list[str]) -> list[Any]:
         nonlocal waiting, waiting_on

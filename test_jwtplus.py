@@ -6048,11 +6048,19 @@ async def test_logout_revokes_the_family_and_everywhere_revokes_the_subject(make
 async def is_revoked(sessions: jwtplus.Sessions, claims: dict[str, Any], now: float) -> bool:
     """What the pipeline's revocation check says of *claims* at *now*: revoked or not (it must not
     find the store unreachable)."""
+    revoked, _ = await looked_up(sessions, claims, now)
+    return revoked
+
+
+async def looked_up(sessions: jwtplus.Sessions, claims: dict[str, Any], now: float) -> tuple[bool, bool]:
+    """What the revocation check says of *claims* at *now*: whether they are revoked, and whether it
+    had to ask the store (it returned an awaitable) rather than answer at once."""
     verdict = jwtplus.revocation_check(sessions)(make_mocked_request("GET", "/"), claims, now)
-    if inspect.isawaitable(verdict):
+    asked = inspect.isawaitable(verdict)
+    if asked:
         verdict = await verdict
     assert verdict in (None, "invalid"), verdict
-    return verdict == "invalid"
+    return verdict == "invalid", asked
 
 
 async def test_revocation_is_checked_after_the_signature_and_keyed_by_jti() -> None:
@@ -11930,17 +11938,6 @@ async def test_redis_concurrent_lookups_share_round_trips_and_each_request_keeps
         ]
     finally:
         await primary.aclose()
-
-
-async def looked_up(sessions: jwtplus.Sessions, claims: dict[str, Any], now: float) -> tuple[bool, bool]:
-    """What the revocation check says of *claims* at *now*: whether they are revoked, and whether it
-    had to ask the store (it returned an awaitable) rather than answer at once."""
-    verdict = jwtplus.revocation_check(sessions)(make_mocked_request("GET", "/"), claims, now)
-    asked = inspect.isawaitable(verdict)
-    if asked:
-        verdict = await verdict
-    assert verdict in (None, "invalid"), verdict
-    return verdict == "invalid", asked
 
 
 async def test_redis_cache_for_answers_access_tokens_from_copies_younger_than_it_and_nothing_else(
