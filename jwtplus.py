@@ -3321,9 +3321,7 @@ def _revocation_keys(sessions: Sessions, claims: Mapping[str, Any]) -> tuple[str
 @functools.lru_cache(maxsize=4096)
 def _keys_of(namespace: str, jti: str | None, family: str | None, subject: str | None) -> tuple[str, ...]:
     """:func:`_revocation_keys` of one token, built once while it is in use."""
-    tag = _tag_of(jti, family, subject)
-    if tag is None:
-        return ()
+    tag = _tag_of(jti, family, subject)  # None only when all three are: then no key
     named = (("revoked", jti), ("family", family), ("subject", subject))
     return tuple(f"{namespace}{{{tag}}}{kind}:{value}" for kind, value in named if value is not None)
 
@@ -3799,20 +3797,19 @@ def _coalesced(
 
     async def serve(batch: list[_Waiter]) -> None:
         nonlocal waiting
+        failure: BaseException = ConnectionError("the store lookup was cancelled")
         try:
             while batch:
                 names = list(dict.fromkeys(name for wanted, _ in batch for name in wanted))
-                try:
-                    found = dict(zip(names, await mget(names), strict=True))
-                except Exception as exc:  # those that started waiting meanwhile fail with it too
-                    fail(batch + (waiting or []), exc)
-                    return
+                found = dict(zip(names, await mget(names), strict=True))
                 for wanted, future in batch:
                     if not future.done():
                         future.set_result([found[name] for name in wanted])
                 batch, waiting = waiting or [], []
+        except Exception as exc:  # those that started waiting meanwhile fail with it too
+            failure = exc
         finally:  # also when cancelled, as the loop closes: nobody may wait for ever
-            fail(batch + (waiting or []), ConnectionError("the store lookup was cancelled"))
+            fail(batch + (waiting or []), failure)
             waiting = None
 
     def hand_off(failure: Exception | None) -> None:

@@ -11891,11 +11891,12 @@ async def mget_calls(client: Any) -> int:
 
 
 async def test_redis_concurrent_lookups_share_round_trips_and_each_request_keeps_its_own_answer(
-    redis_server: RedisServer, make_client: Any
+    redis_server: RedisServer, make_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The lookups that start while one is in flight go to Redis together, in one MGET: fewer round
     trips than requests, each request the answer of its own token, a logout seen at once; a hung
-    Redis fails every one of them in one socket timeout (503), and nothing stays stuck."""
+    Redis fails every one of them in one socket timeout (503), each logged with Redis's own error,
+    and nothing stays stuck."""
     import redis.asyncio
 
     primary = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
@@ -11920,6 +11921,7 @@ async def test_redis_concurrent_lookups_share_round_trips_and_each_request_keeps
         assert [answer.status for answer in await asyncio.gather(*burst)] == [401, 200, 401, 200]
 
         redis_server.pause()
+        caplog.clear()
         try:
             started = time.monotonic()
             hung = await asyncio.gather(
@@ -11930,6 +11932,9 @@ async def test_redis_concurrent_lookups_share_round_trips_and_each_request_keeps
             redis_server.resume()
         assert [answer.status for answer in hung] == [503] * 40
         assert waited < 1.9, waited  # one socket timeout of 1 s for all, not one after another
+        failures = [r.getMessage() for r in caplog.records if "revocation store failed" in r.getMessage()]
+        assert len(failures) == 40, failures  # the waiters too: the lookup they shared timed out
+        assert all("(TimeoutError: " in failure for failure in failures), failures
         answers = await asyncio.gather(
             *(client.get("/me", headers=bearer(pairs[i]["access"])) for i in range(12))
         )
