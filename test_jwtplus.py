@@ -11945,6 +11945,50 @@ async def test_redis_concurrent_lookups_share_round_trips_and_each_request_keeps
         await primary.aclose()
 
 
+async def test_redis_a_shared_lookup_that_fails_fails_every_lookup_that_waited_for_it_with_its_error(
+    redis_server: RedisServer,
+) -> None:
+    """Lookups that queued behind one in flight go out together; when that shared MGET fails, each of
+    them, and each that queued behind it, fails at once with Redis's own error (never left waiting for
+    a second timeout, never a made-up error), and the next lookup goes out alone."""
+    import redis.asyncio
+    import redis.exceptions
+
+    primary = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
+    try:
+        store = jwtplus.redis_store(primary)
+        real, sent, release, hang_up = primary.mget, [], asyncio.Event(), asyncio.Event()
+        arrived = [asyncio.Event(), asyncio.Event()]  # the first MGET, the second
+
+        async def mget(names: list[str]) -> Any:  # the first lookup waits for release; the next one fails
+            sent.append(list(names))
+            arrived[len(sent) - 1].set()
+            if len(sent) == 1:
+                await release.wait()
+                return await real(names)
+            await hang_up.wait()
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+        primary.mget = mget
+        first = asyncio.ensure_future(store.get_many(["a"], 0.0))
+        await arrived[0].wait()
+        queued = [asyncio.ensure_future(store.get_many([key], 0.0)) for key in ("b", "c", "b")]
+        await asyncio.sleep(0)
+        release.set()
+        assert await first == [None]
+        await arrived[1].wait()
+        queued.append(asyncio.ensure_future(store.get_many(["e"], 0.0)))  # behind the batch's MGET
+        await asyncio.sleep(0)
+        hang_up.set()
+        failed = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 2)
+        assert [type(result) for result in failed] == [redis.exceptions.TimeoutError] * 4, failed
+        assert len(sent) == 2 and len(sent[1]) == 2, sent  # one MGET for the batch, "b" asked once
+        primary.mget = real
+        assert await asyncio.wait_for(store.get_many(["d"], 0.0), 2) == [None]
+    finally:
+        await primary.aclose()
+
+
 async def test_redis_cache_for_answers_access_tokens_from_copies_younger_than_it_and_nothing_else(
     redis_server: RedisServer,
 ) -> None:
