@@ -3772,6 +3772,49 @@ def _client_kind(client: Any) -> str:
     return "server"
 
 
+def _written_mget(
+    client: Any, fallback: Callable[[list[str]], Awaitable[list[Any]]]
+) -> Callable[[list[str]], Awaitable[list[Any]]]:
+    """``MGET`` on a connection of *client*'s pool, written straight to its stream and read back by the
+    connection itself (redis-py's parser, socket timeout, push messages and errors, which close the
+    connection). It skips the command path's retry and observability hooks and its send in
+    ``asyncio.wait_for``, a task of its own before Python 3.12: on 3.11, about 140,000 instructions
+    fewer per lookup. A connection without a stream to write to gets *fallback*, the client's ``mget``."""
+    pool = client.connection_pool
+    settings = pool.connection_kwargs
+    encoding, errors = settings.get("encoding", "utf-8"), settings.get("encoding_errors", "strict")
+
+    async def mget(names: list[str]) -> list[Any]:
+        command = [b"*%d\r\n$4\r\nMGET\r\n" % (len(names) + 1)]
+        for name in names:
+            raw = name.encode(encoding, errors)
+            command += (b"$%d\r\n" % len(raw), raw, b"\r\n")
+        conn = await pool.get_connection()
+        try:
+            writer = getattr(conn, "_writer", None)
+            if writer is None or not callable(getattr(conn, "read_response", None)):
+                await pool.release(conn)
+                conn = None
+                return await fallback(names)
+            await conn.check_health()  # a PING first, if the client asks for one (health_check_interval)
+            if writer.transport.is_closing():
+                raise ConnectionError("Redis closed the connection before the MGET")
+            writer.write(b"".join(command))
+            values = await conn.read_response()
+            if not isinstance(values, list) or len(values) != len(names):
+                raise ConnectionError("Redis answered an MGET with a reply of another shape")
+            return values
+        except BaseException:
+            if conn is not None:
+                await conn.disconnect()  # its reply may be half read: never reused
+            raise
+        finally:
+            if conn is not None:
+                await pool.release(conn)
+
+    return mget
+
+
 _Waiter: TypeAlias = "tuple[list[str], asyncio.Future[list[Any]]]"
 
 
@@ -3873,7 +3916,8 @@ def redis_store(
     that retries, is refused:
     ``Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)`` is right.
 
-    Lookups that start while one is in flight share the next ``MGET``. By
+    Lookups that start while one is in flight share the next ``MGET``, which a redis-py ``Redis`` or
+    Sentinel client's pool connection is handed directly (its command hooks do not see it). By
     default every access token is looked up, so a logout on any server is
     refused everywhere from the next request on. *cache_for* (at most
     :data:`MAX_CACHE_FOR` seconds) trades that for speed: this process may then
@@ -3950,7 +3994,12 @@ def redis_store(
     def mget(names: list[str]) -> Awaitable[list[Any]]:
         return cast("Awaitable[list[Any]]", client.mget(names))
 
-    read = mget if kind == "cluster" else _coalesced(mget)
+    read: Callable[[list[str]], Awaitable[list[Any]]] = mget  # a cluster client's: one node per slot
+    if kind != "cluster":  # coalesced; written to the connection when the client is redis-py's
+        pooled = isinstance(
+            getattr(getattr(client, "connection_pool", None), "connection_kwargs", None), dict
+        )
+        read = _coalesced(_written_mget(client, mget) if pooled else mget)
 
     async def get_many(keys: Sequence[str], now: float) -> list[float | None]:
         began = writes

@@ -11955,36 +11955,97 @@ async def test_redis_a_shared_lookup_that_fails_fails_every_lookup_that_waited_f
     import redis.exceptions
 
     primary = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
+    pool = primary.connection_pool
+    real = pool.get_connection
+    plans: list[
+        tuple[asyncio.Event, asyncio.Event, bool]
+    ] = []  # per MGET: its arrival, its go, whether it fails
+
+    async def get_connection(*args: Any, **kwargs: Any) -> Any:
+        arrived, go, fails = plans.pop(0)
+        arrived.set()
+        await go.wait()
+        if fails:
+            raise redis.exceptions.TimeoutError("Timeout reading from socket")
+        return await real(*args, **kwargs)
+
+    def plan(fails: bool = False) -> tuple[asyncio.Event, asyncio.Event]:
+        arrived, go = asyncio.Event(), asyncio.Event()
+        plans.append((arrived, go, fails))
+        return arrived, go
+
     try:
         store = jwtplus.redis_store(primary)
-        real, sent, release, hang_up = primary.mget, [], asyncio.Event(), asyncio.Event()
-        arrived = [asyncio.Event(), asyncio.Event()]  # the first MGET, the second
-
-        async def mget(names: list[str]) -> Any:  # the first lookup waits for release; the next one fails
-            sent.append(list(names))
-            arrived[len(sent) - 1].set()
-            if len(sent) == 1:
-                await release.wait()
-                return await real(names)
-            await hang_up.wait()
-            raise redis.exceptions.TimeoutError("Timeout reading from socket")
-
-        primary.mget = mget
+        misses, calls = (await primary.info("stats"))["keyspace_misses"], await mget_calls(primary)
+        pool.get_connection = get_connection
+        (arrived, go), (_, go_batch) = plan(), plan()
         first = asyncio.ensure_future(store.get_many(["a"], 0.0))
-        await arrived[0].wait()
+        await arrived.wait()
+        batch = [asyncio.ensure_future(store.get_many([key], 0.0)) for key in ("b", "c", "b")]
+        await asyncio.sleep(0)
+        go.set()
+        go_batch.set()
+        assert await first == [None]
+        assert await asyncio.wait_for(asyncio.gather(*batch), 2) == [[None]] * 3
+        pool.get_connection = real  # the counts take a connection too
+        stats = await primary.info("stats")
+        assert (stats["keyspace_misses"] - misses, await mget_calls(primary) - calls) == (
+            3,
+            2,
+        )  # b asked once
+
+        pool.get_connection = get_connection
+        (arrived, go), (batch_arrived, hang_up) = plan(), plan(fails=True)
+        first = asyncio.ensure_future(store.get_many(["a"], 0.0))
+        await arrived.wait()
         queued = [asyncio.ensure_future(store.get_many([key], 0.0)) for key in ("b", "c", "b")]
         await asyncio.sleep(0)
-        release.set()
+        go.set()
         assert await first == [None]
-        await arrived[1].wait()
+        await batch_arrived.wait()
         queued.append(asyncio.ensure_future(store.get_many(["e"], 0.0)))  # behind the batch's MGET
         await asyncio.sleep(0)
         hang_up.set()
         failed = await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 2)
         assert [type(result) for result in failed] == [redis.exceptions.TimeoutError] * 4, failed
-        assert len(sent) == 2 and len(sent[1]) == 2, sent  # one MGET for the batch, "b" asked once
-        primary.mget = real
+        assert not plans
+        pool.get_connection = real
         assert await asyncio.wait_for(store.get_many(["d"], 0.0), 2) == [None]
+    finally:
+        pool.get_connection = real
+        await primary.aclose()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("decode_responses", [False, True])
+async def test_redis_lookups_go_on_the_pools_connections_whatever_the_clients_protocol_and_decoding(
+    redis_server: RedisServer, make_client: Any, protocol: int, decode_responses: bool
+) -> None:
+    """An access token is looked up on a connection of the client's pool, not through the client's
+    command path (its mget here fails the test), and read right whether Redis speaks RESP2 or RESP3
+    and whether the client decodes replies: a logout is refused at once, the other token still passes."""
+    import redis.asyncio
+
+    primary = bounded_redis(
+        redis.asyncio.Redis, port=redis_server.port, protocol=protocol, decode_responses=decode_responses
+    )
+
+    async def mget(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the client's own MGET was used")
+
+    try:
+        client, _, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
+        kept, ended = await pair_login(client), await pair_login(client)
+        assert (await client.post("/logout", headers=bearer(ended["access"]))).status == 200
+        primary.mget = mget
+        before = await mget_calls(primary)
+        assert (await client.get("/me", headers=bearer(ended["access"]))).status == 401
+        assert (await client.get("/me", headers=bearer(kept["access"]))).status == 200
+        assert await mget_calls(primary) - before == 2
+        connected = (await primary.info("clients"))["connected_clients"]
+        for _ in range(5):
+            assert (await client.get("/me", headers=bearer(kept["access"]))).status == 200
+        assert (await primary.info("clients"))["connected_clients"] == connected  # each one given back
     finally:
         await primary.aclose()
 
