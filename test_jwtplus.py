@@ -12050,6 +12050,103 @@ async def test_redis_lookups_go_on_the_pools_connections_whatever_the_clients_pr
         await primary.aclose()
 
 
+async def test_redis_lookups_ping_first_when_the_client_asks_for_health_checks(
+    redis_server: RedisServer, make_client: Any
+) -> None:
+    """A client built with ``health_check_interval`` gets its PING before each lookup that follows an
+    idle spell, as its own commands do: the lookup on the pool's connection keeps the client's health
+    checks."""
+    import redis.asyncio
+
+    async def pings() -> int:
+        stats = await redis_command(redis_server.port, "INFO", "commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+    # no CLIENT SETINFO: before Redis 7.2 it is an error reply, which redis-py's own health check on
+    # connect would read as the answer to its PING
+    quiet = (
+        {"driver_info": None} if "driver_info" in inspect.signature(redis.asyncio.Redis).parameters else {}
+    )
+    watched = bounded_redis(redis.asyncio.Redis, port=redis_server.port, health_check_interval=1e-6, **quiet)
+    plain = bounded_redis(redis.asyncio.Redis, port=redis_server.port)
+    try:
+        for primary, expected in ((watched, 3), (plain, 0)):
+            client, _, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
+            pair = await pair_login(client)
+            before = await pings()
+            for _ in range(3):
+                assert (await client.get("/me", headers=bearer(pair["access"]))).status == 200
+            assert await pings() - before == expected
+    finally:
+        await watched.aclose()
+        await plain.aclose()
+
+
+async def resp_command(reader: asyncio.StreamReader) -> list[bytes] | None:
+    """One RESP command (an array of bulk strings) from *reader*, or None at the end of the stream."""
+    line = await reader.readline()
+    if not line:
+        return None
+    assert line.startswith(b"*"), line
+    parts = []
+    for _ in range(int(line[1:])):
+        size = int((await reader.readline())[1:])
+        parts.append((await reader.readexactly(size + 2))[:-2])
+    return parts
+
+
+async def test_redis_a_reply_of_another_shape_is_a_store_failure_and_its_connection_is_dropped(
+    make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that answers an MGET with fewer values than keys (a proxy gone wrong, say) is never
+    read as "not revoked": the request is refused 503, the log names the reply's shape, and the
+    connection it came on is closed, never lent out again."""
+    import redis.asyncio
+
+    connections: list[list[int]] = []  # per connection the server accepted: the key count of each MGET
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append([])
+        try:
+            while (command := await resp_command(reader)) is not None:
+                if command[0].upper() == b"MGET":
+                    connections[-1].append(len(command) - 1)
+                    writer.write(b"*1\r\n$-1\r\n")  # one nil, whatever the number of keys
+                else:  # CLIENT SETINFO on connect
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    primary = bounded_redis(redis.asyncio.Redis, port=port, protocol=2)
+    try:
+        client, sessions, _ = await session_client(make_client, store=jwtplus.redis_store(primary))
+        access = (await jwtplus.issue_tokens(sessions, "ann")).access
+        with caplog.at_level(logging.WARNING, logger="jwtplus"):
+            for _ in range(2):
+                answer_ = await client.get("/me", headers=bearer(access))
+                assert answer_.status == 503
+                assert await answer_.json() == {"error": "unavailable"}
+        # the login's one-key MGET is answered in shape; each request's three-key one is not, and the
+        # connection it came on is closed: the second request comes on a new one
+        assert connections == [[1, 3], [3]]
+        failures = [r.getMessage() for r in caplog.records if "revocation store failed" in r.getMessage()]
+        assert (
+            failures
+            == [
+                "jwtplus: the revocation store failed (ConnectionError: Redis answered an MGET with a reply "
+                "of another shape); auth_status is 'unavailable' (503 wherever a token is needed)"
+            ]
+            * 2
+        )
+    finally:
+        await primary.aclose()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_redis_cache_for_answers_access_tokens_from_copies_younger_than_it_and_nothing_else(
     redis_server: RedisServer,
 ) -> None:
